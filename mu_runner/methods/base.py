@@ -1,0 +1,94 @@
+"""The unlearning stage: a LightningModule that owns the method; Lightning owns the loop.
+
+A method subclasses `UnlearningModule` and writes `unlearning_loss(batch)`, where `batch` maps
+the splits it declares in `batch_sizes` (e.g. {"forget": 32, "retain": 128}) to (x, y); the
+`anchor` split sets the epoch length and the others cycle. A one-shot method (no optimizer
+step) subclasses `OneShotModule` and writes `edit()`. Set-up work (masks, teachers, relabelling)
+goes in `on_train_start`, so the unlearning timer includes it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from mu_runner.errors import ConfigError, DivergedError
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+Batch = dict[str, tuple[Tensor, Tensor]]
+
+
+class UnlearningModule(L.LightningModule):
+    """Base of every method: optimizer from a partial, loss checked for NaN, `train/loss` logged."""
+
+    anchor: str = "retain"
+    from_scratch: bool = False  # True: the runner hands over a fresh network, not the original
+
+    def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
+                 scheduler: SchedulerFactory | None = None, epochs: int = 1,
+                 batch_size: int = 128, seed: int = 0) -> None:
+        super().__init__()
+        if int(epochs) < 0 or int(batch_size) <= 0:
+            raise ConfigError(f"method.epochs={epochs}, method.batch_size={batch_size}: need epochs >= 0, batch_size > 0")
+        self.net, self.optimizer_factory, self.scheduler_factory = net, optimizer, scheduler
+        self.epochs, self.batch_size, self.seed = int(epochs), int(batch_size), int(seed)
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    def batch_sizes(self) -> dict[str, int]:
+        """Splits this method reads, with their batch sizes; the anchor comes first."""
+        return {self.anchor: self.batch_size}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def unlearning_loss(self, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self.unlearning_loss(batch)
+        if not torch.isfinite(loss):
+            raise DivergedError(
+                f"method {self.name}: loss became {loss.item()} at step {self.global_step} "
+                f"(epoch {self.current_epoch}); lower the learning rate")
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            return None
+        optimizer = self.optimizer_factory(params=[p for p in self.net.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+
+class OneShotModule(UnlearningModule):
+    """A method that edits weights once and takes no optimizer step (SSD, mnemonic codes...)."""
+
+    def __init__(self, net: nn.Module, batch_size: int = 128, seed: int = 0) -> None:
+        super().__init__(net, optimizer=None, epochs=1, batch_size=batch_size, seed=seed)
+
+    def edit(self) -> None:
+        raise NotImplementedError
+
+    def on_train_start(self) -> None:
+        with torch.enable_grad():
+            self.edit()
+        self.trainer.should_stop = True  # no batch is trained; on_train_end still fires
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:  # pragma: no cover
+        raise RuntimeError(f"{self.name} is one-shot and must not train")
+
+
+def check_finite(value: float, what: str) -> None:
+    if not math.isfinite(value):
+        raise DivergedError(what)

@@ -1,0 +1,93 @@
+"""Backbones from timm, wrapped so that input normalisation is the model's first module.
+
+Methods that build or perturb inputs (boundary attacks, noise, codes) then work in pixel space,
+[0, 1], whatever the dataset's statistics (METHODS.md G4).
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from mu_runner.errors import ConfigError
+
+# Parameter-name prefixes that belong to the stem, before the first stage.
+STEM = ("conv1", "bn1", "act1", "maxpool", "stem", "patch_embed", "cls_token", "pos_embed", "reg_token")
+
+
+class Classifier(nn.Module):
+    """A timm network with per-channel normalisation (buffers, not parameters) in front."""
+
+    def __init__(self, body: nn.Module, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.body = body
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=True)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body((x - self.mean) / self.std)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features (pooled, before the classifier)."""
+        h = self.body.forward_features((x - self.mean) / self.std)
+        return self.body.forward_head(h, pre_logits=True)
+
+    @property
+    def head_name(self) -> str:
+        """Name of the classifier module inside `body` (`fc` for ResNets, `head` for ViTs)."""
+        head = self.body.get_classifier()
+        return next(n for n, m in self.body.named_modules() if m is head)
+
+    @property
+    def stage_names(self) -> list[str]:
+        """Modules whose outputs are the network's stages (timm's feature_info), e.g. layer1..4."""
+        names = [f["module"] for f in getattr(self.body, "feature_info", [])]
+        return [n for n in names if n and n.split(".")[0] not in STEM]
+
+    def stage_of(self, param_name: str) -> str:
+        """Stage a parameter belongs to: stem, a stage name (layer3, blocks.5), or the head."""
+        name = param_name.removeprefix("body.")
+        for stage in self.stage_names:
+            if name.startswith(stage + "."):
+                return stage
+        if name.split(".")[0] in STEM:
+            return "stem"
+        if name.startswith(self.head_name + "."):
+            return self.head_name
+        return name.split(".")[0]
+
+
+def _small_stem(body: nn.Module, in_chans: int) -> None:
+    """Replace a ResNet stem by one 3x3 stride-1 conv and drop the max-pool (CIFAR-style)."""
+    width = body.bn1.num_features
+    body.conv1 = nn.Conv2d(in_chans, width, kernel_size=3, stride=1, padding=1, bias=False)
+    body.maxpool = nn.Identity()
+
+
+def build_classifier(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    img_size: int,
+    mean: list[float],
+    std: list[float],
+    small_stem: bool | str = "auto",
+) -> Classifier:
+    """Build `name` from timm (no pretrained weights: nothing is downloaded)."""
+    if small_stem not in ("auto", True, False):
+        raise ConfigError(f"backbone.small_stem={small_stem!r}: allowed auto, true, false")
+    small = img_size <= 64 if small_stem == "auto" else bool(small_stem)
+    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, "pretrained": False}
+    is_vit = "vit" in name
+    if is_vit:
+        patch = (2 if img_size <= 16 else 4) if small else 16
+        kwargs.update(img_size=img_size, patch_size=patch)
+    try:
+        body = timm.create_model(name, **kwargs)
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise ConfigError(f"backbone.name={name!r}: {err}") from None
+    if small and not is_vit and hasattr(body, "maxpool"):
+        _small_stem(body, in_chans)
+    # channels-last: about 25 % faster on CPU (oneDNN) and what tensor cores want on GPU
+    return Classifier(body, mean, std).to(memory_format=torch.channels_last)

@@ -1,0 +1,205 @@
+"""One experiment: original (cached) -> forget split -> reference (cached) -> unlearning -> metrics.
+
+`build(cfg)` prepares a `Stage` (for tests: fit it, inspect it); `run(cfg)` does the whole run,
+writes the run directory (DESIGN §3) and returns flat, slash-named numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mu_runner.cache import Cache
+from mu_runner.callbacks.evaluation import UnlearningEvaluation
+from mu_runner.callbacks.timing import UnlearnTimer
+from mu_runner.data import forget as F
+from mu_runner.data.datamodule import InMemoryData, StageData
+from mu_runner.errors import CheckpointError, ConfigError
+from mu_runner.methods.base import UnlearningModule
+from mu_runner.methods.supervised import SupervisedTraining
+from mu_runner.models import Classifier
+from mu_runner.outputs import write_outputs
+from mu_runner.utils.loggers import build_logger, finish_logger
+
+log = logging.getLogger("mu_runner")
+
+
+@dataclass
+class Stage:
+    """Everything one unlearning run needs, ready to `fit()`."""
+
+    cfg: DictConfig
+    data: InMemoryData
+    split: F.ForgetSplit
+    original: Classifier
+    reference: Classifier | None
+    module: UnlearningModule
+    trainer: L.Trainer
+    datamodule: StageData
+    timer: UnlearnTimer
+    evaluation: UnlearningEvaluation
+    cache_hits: dict[str, bool] = field(default_factory=dict)
+
+    def fit(self) -> None:
+        L.seed_everything(self.cfg.seed, workers=False, verbose=False)
+        self.trainer.fit(self.module, datamodule=self.datamodule)
+
+
+def load_data(cfg: DictConfig) -> InMemoryData:
+    source = instantiate(cfg.data.source)
+    keep = None
+    if cfg.forget.kind == "indices":
+        keep = F.read_indices(cfg.forget.path, len(source.train))
+    return InMemoryData(source, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.augment, keep)
+
+
+def make_split(cfg: DictConfig, data: InMemoryData) -> F.ForgetSplit:
+    """The forget set of `cfg.forget`, validated against the data (raises ConfigError)."""
+    fc = cfg.forget
+    if fc.kind == "classes":
+        classes = F.choose_classes(data.num_classes, fc.k, fc.fraction,
+                                   None if fc.classes is None else list(fc.classes), fc.seed)
+        return F.class_split(data.labels.cpu(), data.pool, classes)
+    if fc.kind == "random":
+        return F.random_split(data.pool, fc.k, fc.fraction, fc.seed)
+    if fc.kind == "indices":
+        return F.indices_split(data.pool, F.read_indices(fc.path, len(data.labels)))
+    raise ConfigError(f"forget.kind={fc.kind!r}: allowed classes, random, indices")
+
+
+def new_net(cfg: DictConfig, data: InMemoryData) -> Classifier:
+    """A fresh backbone; its initialisation depends on `seed` only (the retrain starts here too)."""
+    c, h, _ = data.source.shape
+    mean, std = data.mean_std()
+    torch.manual_seed(int(cfg.seed))
+    return instantiate(cfg.backbone, num_classes=data.num_classes, in_chans=c, img_size=h, mean=mean, std=std)
+
+
+def _trainer(cfg: DictConfig, epochs: int, **kwargs) -> L.Trainer:
+    return instantiate(cfg.trainer, max_epochs=epochs, **kwargs)
+
+
+def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, net: Classifier) -> dict:
+    """Train `net` with the recipe `cfg.train` on `retain`; returns its state dict."""
+    t = cfg.train
+    module = SupervisedTraining(net, instantiate(t.optimizer), instantiate(t.scheduler) if t.scheduler else None,
+                                t.epochs, t.batch_size, cfg.seed)
+    dm = StageData(data, F.ForgetSplit(retain[:0], retain, None), cfg.seed)
+    L.seed_everything(cfg.seed, workers=False, verbose=False)
+    _trainer(cfg, t.epochs, logger=False, callbacks=[]).fit(module, datamodule=dm)
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+
+
+def _recipe_spec(cfg: DictConfig) -> dict:
+    """Exactly what determines a trained model: data, backbone, recipe, seed, precision."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for k in ("root", "download"):
+        data["source"].pop(k, None)
+    data.pop("download", None)
+    return {"data": data, "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+            "train": OmegaConf.to_container(cfg.train, resolve=True), "seed": int(cfg.seed),
+            "precision": str(cfg.trainer.get("precision"))}
+
+
+def load_weights(net: Classifier, state: dict, where: str) -> Classifier:
+    """Strict load: a checkpoint that does not fit the backbone is a clear error, not a warning."""
+    state = {**{k: v for k, v in net.state_dict().items() if k in ("mean", "std")}, **state}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[1:2] or [str(err)]
+        raise CheckpointError(f"{where} does not fit the backbone: {first[0].strip()}") from None
+    return net
+
+
+def read_checkpoint(path: str) -> dict:
+    if not Path(path).is_file():
+        raise ConfigError(f"original_checkpoint={path!r}: file not found")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state)
+
+
+def get_original(cfg: DictConfig, data: InMemoryData, cache: Cache) -> tuple[Classifier, bool]:
+    net = new_net(cfg, data)
+    if cfg.original_checkpoint:
+        path = str(cfg.original_checkpoint)
+        return load_weights(net, read_checkpoint(path), f"original_checkpoint={path!r}"), True
+    spec = {"kind": "original", **_recipe_spec(cfg)}
+    state, hit = cache.get_or_create("original", spec, lambda: fit_supervised(cfg, data, data.pool, new_net(cfg, data)))
+    return load_weights(net, state, f"cache entry {cache.path('original', spec)}"), hit
+
+
+def get_reference(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit, cache: Cache) -> tuple[Classifier, bool]:
+    spec = {"kind": "retrain", **_recipe_spec(cfg), "forget": split.fingerprint()}
+    state, hit = cache.get_or_create("retrain", spec, lambda: fit_supervised(cfg, data, split.retain, new_net(cfg, data)))
+    return load_weights(new_net(cfg, data), state, f"cache entry {cache.path('retrain', spec)}"), hit
+
+
+def build(cfg: DictConfig) -> Stage:
+    """Everything before the unlearning step; bad input fails here, before any training."""
+    if cfg.reference not in ("retrain", "none", None):
+        raise ConfigError(f"reference={cfg.reference!r}: allowed retrain, none")
+    instantiate(cfg.method, net=None)  # bad method values raise before anything is trained
+    data = load_data(cfg)
+    split = make_split(cfg, data)
+    cache = Cache(cfg.paths.cache_dir)
+    original, hit_o = get_original(cfg, data, cache)
+    reference, hit_r = (None, None)
+    if cfg.reference == "retrain":
+        reference, hit_r = get_reference(cfg, data, split, cache)
+    method_cls = _target_class(cfg.method)
+    net = new_net(cfg, data) if method_cls.from_scratch else copy.deepcopy(original)
+    module = instantiate(cfg.method, net=net)
+    timer = UnlearnTimer()
+    evaluation = UnlearningEvaluation(data, split, cfg.seed, cfg.eval.mia, cfg.callbacks.eval_every_n_epochs)
+    callbacks: list = [timer, evaluation]
+    if cfg.callbacks.forget_target is not None:
+        callbacks.append(L.pytorch.callbacks.EarlyStopping(
+            "val/forget_acc", mode="min", stopping_threshold=float(cfg.callbacks.forget_target),
+            patience=10**9, check_on_train_epoch_end=True))
+    trainer = _trainer(cfg, module.epochs, logger=build_logger(cfg), callbacks=callbacks)
+    return Stage(cfg, data, split, original, reference, module, trainer, StageData(data, split, cfg.seed),
+                 timer, evaluation, {"original": hit_o, "retrain": hit_r})
+
+
+def _target_class(node: DictConfig) -> type:
+    from hydra._internal.utils import _locate
+    return _locate(node._target_)
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """The whole run; a run directory with a metrics.json is finished and is not run again."""
+    out = Path(cfg.paths.output_dir)
+    done = out / "metrics.json"
+    if done.exists():
+        log.info("%s exists: finished run, skipped", done)
+        import json
+        return flatten(json.loads(done.read_text()))
+    stage = build(cfg)
+    try:
+        stage.fit()
+        metrics = write_outputs(stage, out)
+    finally:
+        finish_logger(stage.trainer.logger)
+    return flatten(metrics)
+
+
+def flatten(metrics: dict) -> dict[str, float]:
+    """metrics.json -> {"unlearned/forget_acc": .., "original/forget_acc": .., "summary/avg_gap": ..}."""
+    flat = {}
+    for k, v in metrics.items():
+        if k in ("original", "retrain") and isinstance(v, dict):
+            flat.update({f"{k}/{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float)) and vv is not None})
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat[f"summary/{k}" if k in ("avg_gap", "unlearn_seconds") else f"unlearned/{k}"] = v
+    return flat
