@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,7 +22,7 @@ from mu_runner.callbacks.evaluation import UnlearningEvaluation
 from mu_runner.callbacks.timing import UnlearnTimer
 from mu_runner.data import forget as F
 from mu_runner.data.datamodule import InMemoryData, StageData
-from mu_runner.errors import CheckpointError, ConfigError
+from mu_runner.errors import CheckpointError, ConfigError, MuRunnerError
 from mu_runner.methods.base import UnlearningModule
 from mu_runner.methods.supervised import SupervisedTraining
 from mu_runner.models import Classifier
@@ -53,7 +54,7 @@ class Stage:
 
 
 def load_data(cfg: DictConfig) -> InMemoryData:
-    source = instantiate(cfg.data.source)
+    source = make(cfg.data.source, "data")
     keep = None
     if cfg.forget.kind == "indices":
         keep = F.read_indices(cfg.forget.path, len(source.train))
@@ -79,7 +80,7 @@ def new_net(cfg: DictConfig, data: InMemoryData) -> Classifier:
     c, h, _ = data.source.shape
     mean, std = data.mean_std()
     torch.manual_seed(int(cfg.seed))
-    return instantiate(cfg.backbone, num_classes=data.num_classes, in_chans=c, img_size=h, mean=mean, std=std)
+    return make(cfg.backbone, "backbone", num_classes=data.num_classes, in_chans=c, img_size=h, mean=mean, std=std)
 
 
 def _trainer(cfg: DictConfig, epochs: int, **kwargs) -> L.Trainer:
@@ -149,7 +150,7 @@ def build(cfg: DictConfig) -> Stage:
     """Everything before the unlearning step; bad input fails here, before any training."""
     if cfg.reference not in ("retrain", "none", None):
         raise ConfigError(f"reference={cfg.reference!r}: allowed retrain, none")
-    instantiate(cfg.method, net=None)  # bad method values raise before anything is trained
+    make_method(cfg, net=None)  # bad method values raise before anything is trained
     data = load_data(cfg)
     split = make_split(cfg, data)
     cache = Cache(cfg.paths.cache_dir)
@@ -159,9 +160,10 @@ def build(cfg: DictConfig) -> Stage:
         reference, hit_r = get_reference(cfg, data, split, cache)
     method_cls = _target_class(cfg.method)
     net = new_net(cfg, data) if method_cls.from_scratch else copy.deepcopy(original)
-    module = instantiate(cfg.method, net=net)
+    module = make_method(cfg, net=net)
     timer = UnlearnTimer()
-    evaluation = UnlearningEvaluation(data, split, cfg.seed, cfg.eval.mia, cfg.callbacks.eval_every_n_epochs)
+    evaluation = UnlearningEvaluation(data, split, cfg.seed, cfg.eval.mia, cfg.callbacks.eval_every_n_epochs,
+                                      original=original)
     callbacks: list = [timer, evaluation]
     if cfg.callbacks.forget_target is not None:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(
@@ -170,6 +172,21 @@ def build(cfg: DictConfig) -> Stage:
     trainer = _trainer(cfg, module.epochs, logger=build_logger(cfg), callbacks=callbacks)
     return Stage(cfg, data, split, original, reference, module, trainer, StageData(data, split, cfg.seed),
                  timer, evaluation, {"original": hit_o, "retrain": hit_r})
+
+
+def make(node: DictConfig, what: str, **kwargs):
+    """`instantiate(node)`; a MuRunnerError inside surfaces as itself, not wrapped by Hydra."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, MuRunnerError):
+            raise cause from None
+        raise ConfigError(f"{what}={node.get('_target_')}: {cause or err}") from None
+
+
+def make_method(cfg: DictConfig, net) -> UnlearningModule:
+    return make(cfg.method, "method", net=net)
 
 
 def _target_class(node: DictConfig) -> type:

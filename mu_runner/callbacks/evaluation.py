@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from torch import nn
 
 from mu_runner.data.datamodule import InMemoryData
 from mu_runner.data.forget import ForgetSplit
@@ -16,14 +17,15 @@ class UnlearningEvaluation(L.Callback):
     `val/forget_acc` and `val/acc` are logged every `every_n_epochs` (for early stopping)."""
 
     def __init__(self, data: InMemoryData, split: ForgetSplit, seed: int = 0, mia: str = "confidence",
-                 every_n_epochs: int = 1, max_forget: int = 1000) -> None:
+                 every_n_epochs: int = 1, max_forget: int = 1000, original: nn.Module | None = None) -> None:
         self.data, self.split, self.seed, self.mia = data, split, seed, mia
+        self.original = original  # scored as "before" (a from-scratch method starts elsewhere)
         self.every, self.max_forget = int(every_n_epochs), int(max_forget)
         self.before: dict | None = None
         self.after: dict | None = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.before = evaluate(pl_module.net, self.data, self.split, self.seed, self.mia)
+        self.before = evaluate(self.original or pl_module.net, self.data, self.split, self.seed, self.mia)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.every <= 0 or (trainer.current_epoch + 1) % self.every:

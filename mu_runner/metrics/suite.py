@@ -79,7 +79,8 @@ def stratified_subset(labels: Tensor, n: int, seed: int = 0) -> Tensor:
     gen = torch.Generator().manual_seed(int(seed))
     perm = torch.randperm(len(labels), generator=gen)
     order = labels[perm].argsort(stable=True)  # grouped by class, random within class
-    return perm[order][torch.linspace(0, len(labels) - 1, n).round().long()].sort().values
+    picks = ((torch.arange(n) + 0.5) * len(labels) / n).floor().long()  # midpoints: each class +-1
+    return perm[order][picks].sort().values
 
 
 def stage_features(net: nn.Module, stages: list[str], images: Tensor, batch_size: int = 512) -> dict[str, Tensor]:

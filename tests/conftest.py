@@ -1,0 +1,52 @@
+"""`tiny(*overrides)`: the real config, composed with every tiny option, paths in tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+METHODS = sorted(p.stem for p in Path(CONF, "method").glob("*.yaml"))
+
+TINY = [
+    "data=digits",
+    "backbone=test_resnet",
+    "trainer=tiny",
+    "logger=none",
+    "callbacks=tiny",
+    "train.epochs=2",
+    "train.batch_size=64",
+    "eval.feature_samples=100",
+    "save_model=false",
+]
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def compose_config(overrides: list[str], tmp: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[
+            f"paths.root_dir={tmp}", f"paths.output_dir={tmp}/run", f"paths.cache_dir={tmp}/cache",
+            *overrides])
+    return cfg
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    def make(*overrides: str, tmp: Path | None = None):
+        return compose_config([*TINY, *overrides], tmp or tmp_path)
+    return make
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One cache for tests that only need *some* trained original (trains it once per session)."""
+    return tmp_path_factory.mktemp("cache")

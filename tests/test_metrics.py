@@ -1,0 +1,396 @@
+"""Metric functions and the evaluation suite against known answers (hand-made models, no training)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mu_runner.data.datamodule import InMemoryData
+from mu_runner.data.forget import ForgetSplit, class_split
+from mu_runner.data.sources import ImageSet, Source
+from mu_runner.metrics import functional as MF
+from mu_runner.metrics.suite import evaluate, feature_shift, stage_features, stratified_subset
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def test_accuracy_known_value():
+    assert MF.accuracy(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2])) == 0.75
+
+
+def test_accuracy_of_empty_set_is_none():
+    assert MF.accuracy(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)) is None
+
+
+# --------------------------------------------------------------------------- linear CKA
+
+
+@pytest.fixture(scope="module")
+def feats():
+    return torch.randn(200, 6, generator=_gen(1))
+
+
+def test_cka_of_identical_features_is_one(feats):
+    assert MF.linear_cka(feats, feats) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cka_invariant_to_orthogonal_rotation_and_isotropic_scaling(feats):
+    feats = feats.double()  # float64 throughout, so the rotation itself adds no rounding error
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=_gen(2), dtype=torch.float64))
+    other = torch.randn(200, 6, generator=_gen(3), dtype=torch.float64) + 0.5 * feats
+    base = MF.linear_cka(feats, other)
+    assert MF.linear_cka(feats @ q, other) == pytest.approx(base, abs=1e-10)
+    assert MF.linear_cka(feats * 3.7, other) == pytest.approx(base, abs=1e-10)
+    assert MF.linear_cka(feats @ q * 0.01, other @ q.T * 50) == pytest.approx(base, abs=1e-10)
+    assert MF.linear_cka(feats, feats @ q * 2.0) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_cka_centers_features(feats):
+    """An offset added to every sample changes nothing (a missing centering would)."""
+    assert MF.linear_cka(feats, feats + 5.0) == pytest.approx(1.0, abs=1e-10)
+
+
+def test_cka_not_invariant_to_anisotropic_scaling(feats):
+    scale = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 30.0])
+    assert MF.linear_cka(feats, feats * scale) < 0.9
+
+
+def test_cka_of_independent_noise_is_small():
+    x = torch.randn(500, 10, generator=_gen(4))
+    y = torch.randn(500, 10, generator=_gen(5))
+    assert 0 <= MF.linear_cka(x, y) < 0.2
+
+
+def test_cka_is_symmetric(feats):
+    other = torch.randn(200, 4, generator=_gen(6)) + feats[:, :4]
+    assert MF.linear_cka(feats, other) == pytest.approx(MF.linear_cka(other, feats), abs=1e-12)
+
+
+def test_cka_flattens_conv_features_and_lies_in_unit_interval():
+    x = torch.randn(50, 2, 3, 3, generator=_gen(7))
+    y = torch.randn(50, 5, generator=_gen(8))
+    value = MF.linear_cka(x, y)
+    assert 0.0 <= value <= 1.0
+    assert MF.linear_cka(x, x.flatten(1)) == pytest.approx(1.0, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- weight change
+
+
+def test_relative_change_zero_for_identical_weights():
+    w = {"a": torch.randn(3, 3, generator=_gen(0)), "b": torch.randn(5, generator=_gen(1))}
+    assert MF.relative_change(w, {k: v.clone() for k, v in w.items()}) == {"a": 0.0, "b": 0.0}
+
+
+def test_relative_change_known_value():
+    assert MF.relative_change({"w": torch.ones(4)}, {"w": 2 * torch.ones(4)}) == {"w": pytest.approx(1.0)}
+    # ||(1,1,1,1) - (1,1,1,3)|| / ||(1,1,1,1)|| = 2 / 2
+    after = torch.tensor([1.0, 1.0, 1.0, 3.0])
+    assert MF.relative_change({"w": torch.ones(4)}, {"w": after})["w"] == pytest.approx(1.0)
+
+
+def test_relative_change_skips_tensors_missing_after():
+    out = MF.relative_change({"a": torch.ones(2), "b": torch.ones(2)}, {"a": torch.zeros(2)})
+    assert out == {"a": pytest.approx(1.0)}
+
+
+def test_grouped_change_pools_squared_norms_within_a_group():
+    before = {"a.w": torch.ones(4), "a.b": torch.full((2,), 2.0), "c.w": torch.full((3,), 2.0)}
+    after = {"a.w": torch.full((4,), 2.0), "a.b": torch.full((2,), 2.0), "c.w": torch.zeros(3)}
+    out = MF.grouped_change(before, after, lambda name: name.split(".")[0])
+    assert list(out) == ["a", "c"]
+    # group a: sum ||dW||^2 = 4 + 0, sum ||W||^2 = 4 + 8  ->  sqrt(4 / 12)
+    assert out["a"] == pytest.approx(math.sqrt(4 / 12))
+    assert out["a"] != pytest.approx(0.5)  # not the mean of the per-tensor changes (1 and 0)
+    assert out["c"] == pytest.approx(1.0)
+
+
+def test_grouped_change_with_one_tensor_per_group_equals_relative_change():
+    gen = _gen(3)
+    before = {f"l{i}": torch.randn(5, generator=gen) for i in range(3)}
+    after = {k: v + torch.randn(5, generator=gen) for k, v in before.items()}
+    grouped = MF.grouped_change(before, after, lambda n: n)
+    rel = MF.relative_change(before, after)
+    assert grouped == pytest.approx(rel, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- avg_gap
+
+
+UNLEARNED = {"forget_acc": 0.9, "retain_acc": 0.95, "test_acc": 0.85, "mia_efficacy": 0.2,
+             "test_forget_acc": 0.5}
+RETRAIN = {"forget_acc": 0.1, "retain_acc": 0.97, "test_acc": 0.88, "mia_efficacy": 0.9,
+           "test_forget_acc": 0.0}
+
+
+def test_avg_gap_to_itself_is_zero():
+    assert MF.avg_gap(RETRAIN, RETRAIN) == 0.0
+
+
+def test_avg_gap_known_value_over_the_four_keys():
+    # |0.9-0.1| + |0.95-0.97| + |0.85-0.88| + |0.2-0.9| = 0.8 + 0.02 + 0.03 + 0.7; test_forget_acc unused
+    assert MF.avg_gap(UNLEARNED, RETRAIN) == pytest.approx(1.55 / 4)
+    assert MF.avg_gap(RETRAIN, UNLEARNED) == pytest.approx(1.55 / 4)
+
+
+@pytest.mark.parametrize("unlearned, retrain", [
+    (UNLEARNED, None),
+    (UNLEARNED, {}),
+    ({**UNLEARNED, "mia_efficacy": None}, RETRAIN),
+    (UNLEARNED, {**RETRAIN, "forget_acc": None}),
+    (UNLEARNED, {k: v for k, v in RETRAIN.items() if k != "test_acc"}),
+])
+def test_avg_gap_is_none_without_reference_or_with_missing_value(unlearned, retrain):
+    assert MF.avg_gap(unlearned, retrain) is None
+
+
+# --------------------------------------------------------------------------- MIA efficacy
+
+
+def _uniform(n: int, lo: float, hi: float, seed: int) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=_gen(seed))
+
+
+MEMBERS = _uniform(200, 0.9, 1.0, 10)
+NON_MEMBERS = _uniform(250, 0.0, 0.5, 11)
+
+
+def test_mia_calls_non_member_like_targets_forgotten():
+    assert MF.mia_efficacy(MEMBERS, NON_MEMBERS, _uniform(100, 0.0, 0.5, 12)) > 0.9
+
+
+def test_mia_calls_member_like_targets_remembered():
+    assert MF.mia_efficacy(MEMBERS, NON_MEMBERS, _uniform(100, 0.9, 1.0, 13)) < 0.1
+
+
+def test_mia_is_a_fraction_tracking_the_mixture():
+    target = torch.cat([_uniform(30, 0.0, 0.5, 14), _uniform(70, 0.9, 1.0, 15)])
+    assert MF.mia_efficacy(MEMBERS, NON_MEMBERS, target) == pytest.approx(0.3, abs=0.05)
+
+
+def test_mia_none_for_empty_target_or_shadow():
+    assert MF.mia_efficacy(MEMBERS, NON_MEMBERS, torch.empty(0)) is None
+    assert MF.mia_efficacy(torch.empty(0), NON_MEMBERS, MEMBERS) is None
+    assert MF.mia_efficacy(MEMBERS, torch.empty(0), MEMBERS) is None
+
+
+def test_mia_same_seed_same_value():
+    target = _uniform(100, 0.4, 0.95, 16)
+    assert MF.mia_efficacy(MEMBERS, NON_MEMBERS, target, seed=3) == \
+        MF.mia_efficacy(MEMBERS, NON_MEMBERS, target, seed=3)
+
+
+# --------------------------------------------------------------------------- entropy
+
+
+@pytest.mark.parametrize("k", [2, 7, 10])
+def test_entropy_of_uniform_is_log_k(k):
+    assert MF.entropy(torch.full((3, k), 1.0 / k)) == pytest.approx([math.log(k)] * 3, abs=1e-6)
+
+
+def test_entropy_of_one_hot_is_zero_and_finite():
+    out = MF.entropy(F.one_hot(torch.tensor([0, 3, 4]), 5).float())
+    assert torch.isfinite(out).all()
+    assert out.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_entropy_known_value_for_two_point_distribution():
+    assert float(MF.entropy(torch.tensor([[0.25, 0.75]]))[0]) == pytest.approx(
+        -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- stratified_subset
+
+
+@pytest.mark.parametrize("n", [1, 7, 50, 123])
+def test_stratified_subset_returns_n_sorted_unique_valid_indices(n):
+    labels = torch.randint(0, 5, (200,), generator=_gen(0))
+    idx = stratified_subset(labels, n, seed=1)
+    assert len(idx) == n
+    assert idx.tolist() == sorted(set(idx.tolist()))
+    assert 0 <= int(idx.min()) and int(idx.max()) < 200
+
+
+@pytest.mark.parametrize("k, per_class, n", [(10, 30, 50), (10, 30, 17), (4, 25, 33), (3, 11, 5)])
+def test_stratified_subset_balanced_classes_within_one_of_proportional(k, per_class, n):
+    labels = (torch.arange(k * per_class) % k)[torch.randperm(k * per_class, generator=_gen(2))]
+    counts = torch.bincount(labels[stratified_subset(labels, n, seed=4)], minlength=k)
+    assert (counts.double() - n / k).abs().max() <= 1.0
+
+
+def test_stratified_subset_seeded():
+    labels = torch.randint(0, 5, (300,), generator=_gen(0))
+    a = stratified_subset(labels, 40, seed=2)
+    assert torch.equal(a, stratified_subset(labels, 40, seed=2))
+    assert not torch.equal(a, stratified_subset(labels, 40, seed=3))
+
+
+@pytest.mark.parametrize("n", [20, 21, 100])
+def test_stratified_subset_n_at_least_len_returns_everything(n):
+    labels = torch.randint(0, 3, (20,), generator=_gen(0))
+    assert torch.equal(stratified_subset(labels, n), torch.arange(20))
+
+
+def test_stratified_subset_unbalanced_classes_within_one_of_proportional():
+    labels = torch.tensor([0] * 5 + [1] * 4 + [2] * 5)
+    counts = torch.bincount(labels[stratified_subset(labels, 4, seed=0)], minlength=3)
+    expected = 4 * torch.tensor([5, 4, 5]) / 14
+    assert (counts.double() - expected).abs().max() <= 1.0
+
+
+# --------------------------------------------------------------------------- stage features / shift
+
+
+STAGES = ["conv1", "conv2", "fc"]
+
+
+def _net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(1, 6, 3, padding=1), bn=nn.BatchNorm2d(6), relu1=nn.ReLU(),
+        conv2=nn.Conv2d(6, 6, 3, padding=1), relu2=nn.ReLU(),
+        pool=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(6, 4)))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8, generator=_gen(9))
+
+
+def test_stage_features_are_pooled_per_channel(images):
+    feats = stage_features(_net(), STAGES, images, batch_size=20)  # several chunks
+    assert {s: tuple(f.shape) for s, f in feats.items()} == {"conv1": (64, 6), "conv2": (64, 6), "fc": (64, 4)}
+
+
+def test_stage_features_match_a_direct_forward_pass(images):
+    net = _net().eval()
+    with torch.no_grad():
+        direct = net.conv1(images.float() / 255).mean((2, 3))
+    feats = stage_features(net, ["conv1"], images, batch_size=20)
+    assert torch.allclose(feats["conv1"], direct, atol=1e-6)
+
+
+def test_feature_shift_of_a_model_against_itself_is_zero(images):
+    net = _net()
+    shift = feature_shift(net, net, STAGES, images)
+    assert list(shift) == STAGES
+    assert all(abs(v) < 1e-9 for v in shift.values())
+
+
+def test_feature_shift_appears_at_the_rerandomised_stage_and_after(images):
+    net = _net(0)
+    other = copy.deepcopy(net)
+    torch.manual_seed(123)
+    other.conv2.reset_parameters()
+    shift = feature_shift(net, other, STAGES, images)
+    assert abs(shift["conv1"]) < 1e-9
+    assert shift["conv2"] > 1e-3
+    assert shift["fc"] > 1e-3
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_stage_features_restore_mode_and_leave_batchnorm_stats_alone(images, training):
+    net = _net().train(training)
+    stats = net.bn.running_mean.clone()
+    stage_features(net, STAGES, images)
+    assert all(m.training == training for m in net.modules())
+    assert torch.equal(net.bn.running_mean, stats)  # ran in eval mode, not with batch statistics
+
+
+def test_stage_features_removes_its_hooks(images):
+    net = _net()
+    stage_features(net, STAGES, images)
+    assert all(not m._forward_hooks for m in net.modules())
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+K = 4
+
+
+def _labelled_source(train_per_class: int = 10, test_per_class: int = 5) -> Source:
+    """Images whose pixel [0, 0, 0] holds the class id (the rest is noise)."""
+    def image_set(per_class: int, seed: int) -> ImageSet:
+        labels = (torch.arange(K * per_class) % K)[torch.randperm(K * per_class, generator=_gen(seed))]
+        images = torch.randint(0, 256, (len(labels), 1, 4, 4), dtype=torch.uint8, generator=_gen(seed + 1))
+        images[:, 0, 0, 0] = labels.to(torch.uint8)
+        return ImageSet(images, labels)
+    return Source(image_set(train_per_class, 0), image_set(test_per_class, 5), [str(i) for i in range(K)])
+
+
+class Oracle(nn.Module):
+    """Large logit for the class encoded in pixel [0, 0, 0]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))  # evaluation reads the device off a parameter
+
+    def forward(self, x):
+        cls = (x[:, 0, 0, 0] * 255).round().long()
+        return F.one_hot(cls, K).float() * 20 + self.dummy
+
+
+class AlwaysZero(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return torch.tensor([20.0] + [0.0] * (K - 1)).expand(len(x), K) + self.dummy
+
+
+@pytest.fixture(scope="module")
+def data():
+    return InMemoryData(_labelled_source(), val_fraction=0.2, split_seed=0, augment={})
+
+
+def test_evaluate_oracle_scores_perfectly(data):
+    split = class_split(data.labels, data.pool, [2])
+    out = evaluate(Oracle(), data, split)
+    assert set(out) == {"forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy"}
+    assert out["forget_acc"] == out["retain_acc"] == out["test_acc"] == out["test_forget_acc"] == 1.0
+
+
+def test_evaluate_constant_predictor_known_accuracies(data):
+    # 10 train samples per class, 2 to validation -> 8 per class in the pool; 5 test per class
+    split = class_split(data.labels, data.pool, [2])
+    assert len(split.forget) == 8 and len(split.retain) == 24
+    out = evaluate(AlwaysZero(), data, split)
+    assert out["forget_acc"] == 0.0
+    assert out["retain_acc"] == pytest.approx(8 / 24)
+    assert out["test_acc"] == pytest.approx(5 / 15)  # forgotten class 2 excluded from test_acc
+    assert out["test_forget_acc"] == 0.0
+
+
+def test_evaluate_constant_predictor_forgetting_the_predicted_class(data):
+    split = class_split(data.labels, data.pool, [0])
+    out = evaluate(AlwaysZero(), data, split)
+    assert out["forget_acc"] == 1.0 and out["test_forget_acc"] == 1.0
+    assert out["retain_acc"] == 0.0 and out["test_acc"] == 0.0
+
+
+def test_evaluate_sample_forgetting_has_no_test_forget_acc_and_uses_whole_test_set(data):
+    split = ForgetSplit(data.pool[:5], data.pool[5:], None)
+    out = evaluate(AlwaysZero(), data, split)
+    assert out["test_forget_acc"] is None
+    assert out["test_acc"] == pytest.approx(5 / 20)
+    assert out["forget_acc"] == pytest.approx(float((data.labels[data.pool[:5]] == 0).float().mean()))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_restores_model_mode(data, training):
+    net = Oracle().train(training)
+    evaluate(net, data, class_split(data.labels, data.pool, [1]))
+    assert net.training == training
