@@ -99,6 +99,7 @@ def _log_summary(stage, metrics: dict) -> None:
     scores = {f"retrain/{k}": v for k, v in (metrics["retrain"] or {}).items() if isinstance(v, float)}
     scores.update({f"summary/{k}": metrics[k] for k in ("avg_gap", "unlearn_seconds") if metrics[k] is not None})
     logger.log_metrics(scores, step=stage.trainer.global_step)
+    logger.save()  # the trainer has finished: flush (CSV writes only on save)
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,107 @@
+"""Every config group option composes, and every `_target_` binds its YAML keys."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_class, get_method, instantiate
+from omegaconf import OmegaConf
+
+from conftest import CONF, METHODS
+
+GROUPS = {g: sorted(p.stem for p in Path(CONF, g).glob("*.yaml"))
+          for g in ("data", "backbone", "forget", "method", "trainer", "logger", "callbacks", "paths", "train", "experiment")}
+# Keys a group node carries for the runner, not for its _target_.
+RUNNER_KEYS = {"_target_", "_partial_"}
+
+
+def test_design_options_exist():
+    required = {
+        "data": {"digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic"},
+        "backbone": {"resnet18", "resnet50", "vit_tiny", "vit_small", "test_resnet", "test_vit"},
+        "forget": {"classes", "random", "indices"},
+        "method": {"original", "retrain", "finetune"},
+        "trainer": {"default", "cpu", "gpu", "ddp", "tiny"},
+        "logger": {"csv", "wandb", "tensorboard", "none"},
+        "paths": {"default"},
+    }
+    for group, options in required.items():
+        assert options <= set(GROUPS[group]), group
+
+
+def _callable(target: str):
+    try:
+        return get_class(target)
+    except Exception:
+        return get_method(target)
+
+
+def _assert_binds(node, runtime: set[str] = frozenset()):
+    """The node's keys (plus runtime kwargs) bind to the target's signature, recursively."""
+    target = _callable(node["_target_"])
+    keys = {k for k in node if k not in RUNNER_KEYS}
+    sig = inspect.signature(target.__init__ if inspect.isclass(target) else target)
+    has_var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    if not has_var_kw:
+        sig.bind_partial(*([None] if inspect.isclass(target) else []), **{k: None for k in keys | set(runtime)})
+    for k in keys:
+        if OmegaConf.is_dict(node[k]) and "_target_" in node[k]:
+            _assert_binds(node[k])  # partials get their runtime argument later
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes_and_its_targets_bind(tiny, group, option):
+    cfg = tiny(f"{group}={option}", *(["forget.path=ids.txt"] if option == "indices" else []))
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    node = cfg[group] if group != "experiment" else cfg
+    if group == "data":
+        _assert_binds(node.source)
+    elif group == "backbone":
+        _assert_binds(node, {"num_classes", "in_chans", "img_size", "mean", "std"})
+    elif group == "method":
+        _assert_binds(node, {"net"})
+    elif group in ("trainer", "logger") and "_target_" in node:
+        _assert_binds(node, {"max_epochs", "logger", "callbacks"} if group == "trainer" else set())
+    elif group == "train":
+        _assert_binds(node.optimizer, {"params"})  # what the trainer passes
+        _assert_binds(node.scheduler, {"optimizer"})
+
+
+@pytest.mark.parametrize("option", GROUPS["backbone"])
+def test_every_backbone_builds_for_small_grey_images(tiny, option):
+    cfg = tiny(f"backbone={option}")
+    net = instantiate(cfg.backbone, num_classes=7, in_chans=1, img_size=8, mean=[0.5], std=[0.25])
+    import torch
+    out = net(torch.rand(2, 1, 8, 8))
+    assert out.shape == (2, 7)
+    assert net.stage_names and net.stage_of(next(iter(dict(net.named_parameters())))) == "stem"
+    if "resnet" in option:  # small-image stem: stride 1, no max-pool
+        assert net.body.conv1.stride == (1, 1) and net.body.conv1.kernel_size == (3, 3)
+        assert type(net.body.maxpool).__name__ == "Identity"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_instantiates_with_its_yaml_defaults(tiny, method):
+    from mu_runner.run import make_method
+    module = make_method(tiny(f"method={method}"), net=None)
+    assert module.epochs >= 0 and module.anchor in ("forget", "retain")
+
+
+@pytest.mark.parametrize("option", ["csv", "tensorboard", "wandb", "none"])
+def test_every_logger_instantiates(tiny, tmp_path, option):
+    from mu_runner.utils.loggers import build_logger, finish_logger
+    logger = build_logger(tiny(f"logger={option}"))
+    try:
+        assert (logger is None) == (option == "none")
+    finally:
+        finish_logger(logger)
+
+
+def test_unknown_backbone_name_is_a_clear_error(tiny):
+    from mu_runner.errors import ConfigError
+    from mu_runner.run import new_net, load_data
+    cfg = tiny("backbone.name=resnet_nope")
+    with pytest.raises(ConfigError, match=r"backbone.name='resnet_nope'"):
+        new_net(cfg, load_data(cfg))

@@ -1,0 +1,45 @@
+"""Loggers receive the same slash-named numbers as metrics.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from mu_runner.run import run
+from mu_runner.utils.wandb_files import offline_history
+
+
+def test_csv_logger_has_curves_and_final_scores(tiny):
+    cfg = tiny("logger=csv")
+    run(cfg)
+    out = Path(cfg.paths.output_dir)
+    rows = list(csv.DictReader((out / "logs" / "metrics.csv").open()))
+    columns = set(rows[0])
+    assert {"train/loss", "val/forget_acc", "unlearned/forget_acc", "original/forget_acc",
+            "retrain/forget_acc", "summary/avg_gap", "summary/unlearn_seconds"} <= columns
+    m = json.loads((out / "metrics.json").read_text())
+    final = [r for r in rows if r["summary/avg_gap"]]
+    assert float(final[-1]["summary/avg_gap"]) == pytest.approx(m["avg_gap"])
+    assert sum(1 for r in rows if r["train/loss"]) >= 2  # a curve, not a point
+
+
+def test_wandb_runs_offline_and_keeps_the_metrics_locally(tiny, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = tiny("logger=wandb")
+    run(cfg)
+    out = Path(cfg.paths.output_dir)
+    assert list(out.glob("wandb/offline-run-*"))
+    history = offline_history(out)
+    m = json.loads((out / "metrics.json").read_text())
+    assert history["unlearned/forget_acc"][-1] == pytest.approx(m["forget_acc"])
+    assert history["summary/avg_gap"][-1] == pytest.approx(m["avg_gap"])
+    assert len(history["train/loss"]) >= 2
+
+
+def test_tensorboard_logger_writes_event_files(tiny):
+    cfg = tiny("logger=tensorboard")
+    run(cfg)
+    assert list(Path(cfg.paths.output_dir).rglob("events.out.tfevents.*"))
