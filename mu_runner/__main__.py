@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mu_runner.errors import MuRunnerError
@@ -15,7 +18,12 @@ log = logging.getLogger("mu_runner")
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Run one experiment; returns avg_gap so that a Hydra sweeper can minimise it."""
+    """Run one experiment; returns avg_gap so that a Hydra sweeper can minimise it.
+
+    A user error ends a single run with one line and exit code 2. In a multirun it ends only
+    that job (its directory gets `error.txt`, no metrics.json, so a restart retries it) and the
+    sweep goes on: one diverging method must not cost the other jobs.
+    """
     from mu_runner.run import run  # heavy imports after Hydra has parsed the command line
 
     try:
@@ -23,6 +31,10 @@ def main(cfg: DictConfig) -> float | None:
     except MuRunnerError as err:
         log.error("%s", err)
         print(f"mu_runner: error: {err}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            out = Path(HydraConfig.get().runtime.output_dir)
+            (out / "error.txt").write_text(f"{type(err).__name__}: {err}\n")
+            return None
         sys.exit(2)
     return metrics.get("summary/avg_gap")
 

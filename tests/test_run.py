@@ -156,7 +156,7 @@ def test_original_method_is_bit_identical_with_no_optimizer_step(tiny, monkeypat
 
 
 def test_finetune_forgets_the_class_and_keeps_the_rest(tiny):
-    m = R.run(tiny("method=finetune"))
+    m = R.run(tiny("method=finetune", "method.epochs=3", "method.optimizer.lr=0.03"))
     assert m["original/forget_acc"] > 0.6
     assert m["unlearned/forget_acc"] < m["original/forget_acc"] - 0.5
     assert m["unlearned/test_acc"] > m["original/test_acc"] - 0.1

@@ -27,6 +27,7 @@ class UnlearningModule(L.LightningModule):
     """Base of every method: optimizer from a partial, loss checked for NaN, `train/loss` logged."""
 
     anchor: str = "retain"
+    schedule: str = "paired"  # paired: {split: batch} each step | sequential: whole passes (epoch_plan)
     from_scratch: bool = False  # True: the runner hands over a fresh network, not the original
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
@@ -46,6 +47,15 @@ class UnlearningModule(L.LightningModule):
     def batch_sizes(self) -> dict[str, int]:
         """Splits this method reads, with their batch sizes; the anchor comes first."""
         return {self.anchor: self.batch_size}
+
+    def epoch_plan(self) -> list[str]:
+        """Sequential schedule: the splits to pass over this epoch, in order."""
+        return list(self.batch_sizes)
+
+    @property
+    def datamodule(self):
+        """The stage's data (splits, `batches(name)` for set-up passes, `split.classes`)."""
+        return self.trainer.datamodule
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
