@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean results report
 setup: $(STAMP)
 
 # constraints.txt pins torch 2.14.1 + torchvision 0.29.1 (local files) and everything else,
@@ -20,6 +20,17 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Every method on digits: class k=1 and random 10 %, 3 seeds -> docs/results_digits.md
+RESULTS_DIR ?= outputs/multiruns/method_table
+results: setup
+	$(PY) -m mu_runner -m experiment=method_table hydra.sweep.dir=$(RESULTS_DIR)
+	$(PY) -m mu_runner.report $(RESULTS_DIR) --md docs/results_digits.md \
+		--title "Methods on digits (ResNet-18, make results)"
+
+# A table and plots from any sweep directory: make report DIR=outputs/multiruns/<time>
+report: setup
+	$(PY) -m mu_runner.report $(DIR)
 
 lint: setup
 	$(PY) -m ruff check mu_runner tests

@@ -1,0 +1,109 @@
+"""python -m mu_runner.report DIR [--md FILE]: one table from every metrics.json under a sweep.
+
+Runs are grouped by what was swept other than the seed (method, data, backbone, forget scenario);
+each cell is mean ± std over seeds. Writes DIR/summary.csv (one row per run) and DIR/report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+COLUMNS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy", "avg_gap", "unlearn_seconds")
+
+
+def scenario(m: dict) -> str:
+    """A readable forget-set label: `classes k=2` or `random 10%` or `indices n=40`."""
+    if m.get("forget_classes") is not None:
+        return f"classes k={len(m['forget_classes'])}"
+    n = m["n_forget"] + m["n_retain"]
+    kind = m.get("forget_kind", "random")
+    return f"random {100 * m['n_forget'] / n:.0f}%" if kind == "random" else f"{kind} n={m['n_forget']}"
+
+
+def load_runs(root: str | Path) -> list[dict]:
+    """Flat rows from every finished run (a metrics.json) under `root`, sorted by path."""
+    rows = []
+    for path in sorted(Path(root).rglob("metrics.json")):
+        m = json.loads(path.read_text())
+        row = {"run": str(path.parent.relative_to(root)), "method": m["method"], "data": m["data"],
+               "backbone": m["backbone"], "scenario": scenario(m), "seed": m["seed"]}
+        row.update({k: m.get(k) for k in (*COLUMNS, "test_forget_acc")})
+        for ref in ("original", "retrain"):
+            for k, v in (m.get(ref) or {}).items():
+                row[f"{ref}/{k}"] = v
+        rows.append(row)
+    return rows
+
+
+def mean_std(values: list) -> tuple[float, float] | None:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def group(rows: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["data"], r["backbone"], r["scenario"], r["method"]), []).append(r)
+    return dict(sorted(groups.items()))
+
+
+def _cell(values: list, pct: bool) -> str:
+    ms = mean_std(values)
+    if ms is None:
+        return "–"
+    scale = 100 if pct else 1
+    return f"{ms[0] * scale:.2f} ± {ms[1] * scale:.2f}"
+
+
+def markdown(rows: list[dict]) -> str:
+    """mean ± std per (scenario, method); accuracies, MIA and gap in %, seconds as measured."""
+    lines = []
+    current = None
+    for (data, backbone, scen, method), runs in group(rows).items():
+        if (data, backbone, scen) != current:
+            current = (data, backbone, scen)
+            lines += ["", f"### {data} / {backbone} / {scen}", "",
+                      "| method | seeds | forget acc % | retain acc % | test acc % | MIA-eff. % | avg gap % | unlearn s |",
+                      "|---|---|---|---|---|---|---|---|"]
+        cells = [_cell([r[k] for r in runs], pct=k != "unlearn_seconds") for k in COLUMNS]
+        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mu_runner.report", description=__doc__)
+    parser.add_argument("dir", type=Path, help="a sweep directory (searched recursively)")
+    parser.add_argument("--md", type=Path, help="also write the markdown table here")
+    parser.add_argument("--title", default="Results", help="heading of the markdown report")
+    args = parser.parse_args(argv)
+    rows = load_runs(args.dir)
+    if not rows:
+        print(f"mu_runner.report: error: no metrics.json under {args.dir}", file=sys.stderr)
+        return 2
+    write_csv(rows, args.dir / "summary.csv")
+    text = f"# {args.title}\n\n{len(rows)} runs from `{args.dir}`; mean ± std over seeds.\n\n" + markdown(rows)
+    (args.dir / "report.md").write_text(text)
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The report on a hand-made sweep directory: known numbers in, known table out."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from mu_runner.report import load_runs, main, markdown, scenario
+
+
+def _write(root: Path, name: str, method: str, seed: int, forget_acc: float, gap: float, classes=(3,)) -> None:
+    m = {"method": method, "data": "digits", "backbone": "resnet18", "seed": seed, "forget_kind": "classes",
+         "forget_classes": list(classes), "n_forget": 130, "n_retain": 1160, "forget_acc": forget_acc,
+         "retain_acc": 0.9, "test_acc": 0.8, "test_forget_acc": 0.0, "mia_efficacy": 1.0,
+         "avg_gap": gap, "unlearn_seconds": 2.0, "original": {"forget_acc": 1.0}, "retrain": {"forget_acc": 0.0}}
+    (root / name).mkdir(parents=True)
+    (root / name / "metrics.json").write_text(json.dumps(m))
+
+
+def test_report_gives_mean_and_std_over_seeds_per_method(tmp_path):
+    _write(tmp_path, "a", "salun", 0, 0.10, 0.02)
+    _write(tmp_path, "b", "salun", 1, 0.30, 0.04)
+    _write(tmp_path, "c", "finetune", 0, 0.50, 0.10)
+    (tmp_path / "unfinished").mkdir()  # a job without metrics.json is not a run
+    rows = load_runs(tmp_path)
+    assert len(rows) == 3
+    table = markdown(rows)
+    assert "### digits / resnet18 / classes k=1" in table
+    salun = next(line for line in table.splitlines() if line.startswith("| salun"))
+    # forget acc mean 20 %, sample std of (10, 30) = 14.14 %; gap mean 3 %, std 1.41 %
+    assert "| 2 | 20.00 ± 14.14 |" in salun and "3.00 ± 1.41" in salun
+    finetune = next(line for line in table.splitlines() if line.startswith("| finetune"))
+    assert "50.00 ± 0.00" in finetune
+
+
+def test_report_cli_writes_summary_csv_and_markdown(tmp_path):
+    _write(tmp_path / "sweep", "a", "salun", 0, 0.1, 0.02)
+    out = tmp_path / "docs" / "table.md"
+    assert main([str(tmp_path / "sweep"), "--md", str(out)]) == 0
+    rows = list(csv.DictReader((tmp_path / "sweep" / "summary.csv").open()))
+    assert rows[0]["method"] == "salun" and float(rows[0]["retrain/forget_acc"]) == 0.0
+    assert out.read_text() == (tmp_path / "sweep" / "report.md").read_text()
+
+
+def test_report_on_an_empty_directory_is_an_error(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_scenario_labels():
+    assert scenario({"forget_classes": [1, 2], "n_forget": 2, "n_retain": 8}) == "classes k=2"
+    assert scenario({"forget_classes": None, "forget_kind": "random", "n_forget": 10, "n_retain": 90}) == "random 10%"
+    assert scenario({"forget_classes": None, "forget_kind": "indices", "n_forget": 4, "n_retain": 96}) == "indices n=4"
