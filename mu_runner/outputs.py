@@ -36,7 +36,7 @@ def assemble(stage) -> dict:
     stages = [f"body.{s}" for s in net.stage_names]
     shift = feature_shift(stage.original.to(stage.data.device), net, stages, images)
     return {
-        "method": cfg.method._target_.rsplit(".", 1)[-1].lower(),
+        "method": _yaml_name(cfg),
         "method_config": OmegaConf.to_container(cfg.method, resolve=True),
         "data": cfg.data.name,
         "backbone": cfg.backbone.name,
@@ -60,14 +60,9 @@ def assemble(stage) -> dict:
     }
 
 
-def _method_name(cfg) -> str:
-    return cfg.method._target_.rsplit(".", 1)[-1]
-
-
 def write_outputs(stage, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     metrics = assemble(stage)
-    metrics["method"] = stage.cfg.get("method_name") or _yaml_name(stage.cfg)
     atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(stage.cfg, resolve=True).encode())
     atomic_write_json(out / "forget_split.json", stage.split.to_json())
     if stage.cfg.save_model:
@@ -85,12 +80,12 @@ def write_outputs(stage, out: Path) -> dict:
 
 
 def _yaml_name(cfg) -> str:
-    """`method=<name>`'s name as Hydra chose it, else the class name in lower case."""
+    """`method=<name>`: Hydra's choice, else the method's module name (salun.py <-> salun.yaml)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         return HydraConfig.get().runtime.choices["method"]
     except Exception:
-        return _method_name(cfg).lower()
+        return cfg.method._target_.rsplit(".", 2)[-2]
 
 
 def _log_summary(stage, metrics: dict) -> None:

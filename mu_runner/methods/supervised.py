@@ -24,9 +24,3 @@ class SupervisedTraining(UnlearningModule):
     def unlearning_loss(self, batch: Batch) -> Tensor:
         x, y = batch["retain"]
         return F.cross_entropy(self.net(x), y)
-
-
-class Retrain(SupervisedTraining):
-    """`method=retrain`: the gold standard, timed like any method (from a fresh network)."""
-
-    from_scratch = True

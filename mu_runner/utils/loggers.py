@@ -27,7 +27,7 @@ def build_logger(cfg: DictConfig):
     kwargs = {}
     if node._target_.endswith("WandbLogger"):
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
-        method = node.get("job_type") or cfg.method._target_.rsplit(".", 1)[-1]
+        method = node.get("job_type") or cfg.method._target_.rsplit(".", 2)[-2]  # salun.py -> salun
         kwargs = {"group": node.get("group") or sweep_group(), "job_type": method}
     logger = instantiate(node, **kwargs)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
