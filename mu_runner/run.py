@@ -169,7 +169,7 @@ def build(cfg: DictConfig) -> Stage:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(
             "val/forget_acc", mode="min", stopping_threshold=float(cfg.callbacks.forget_target),
             patience=10**9, check_on_train_epoch_end=True))
-    trainer = _trainer(cfg, module.epochs, logger=build_logger(cfg), callbacks=callbacks)
+    trainer = _trainer(cfg, module.epochs, logger=build_logger(cfg) or False, callbacks=callbacks)
     return Stage(cfg, data, split, original, reference, module, trainer, StageData(data, split, cfg.seed),
                  timer, evaluation, {"original": hit_o, "retrain": hit_r})
 
