@@ -1,0 +1,115 @@
+"""SalUn: random-label unlearning confined to the forget-salient weights.
+
+Fan, Liu, Zhang, Wong, Wei, Liu, "SalUn: Empowering Machine Unlearning via Gradient-based Weight
+Saliency in Both Image Classification and Generation", ICLR 2024 (spotlight), arXiv:2310.12508.
+
+Mask: s = |Σ_batches ∇θ CE(D_f batch)| at θ_o (eval, no optimizer), ranked over all parameters
+jointly (BN, biases too); m = 1 on the top `mask_ratio` (ties by flat index). Loss: CE(x_f, y'), y'
+fixed, ≠ y and class-wise in C_R, + α·CE(x_r, y_r). `sequential` (CIFAR-10 code): per epoch a pass
+over D_f, then over D_r. `mixed` (CIFAR-100 code mixes D_f' into D_r) [design]: paired batches, the
+forget batch ⌈B·|D_f|/|D_r|⌉ (D_f once per epoch), one forward over both so that BN never sees a
+forget-only batch (that cost 20 points of val accuracy on digits). Masked-out weights stay θ_o
+exactly: weight decay and momentum move weights whose gradient is zero, so after every step
+θ ← m⊙θ + (1−m)⊙θ_o and optimizer-state tensors (momentum, Adam moments) are zeroed where m = 0.
+BN running statistics are buffers and move in train mode, as in the authors' code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mu_runner.errors import ConfigError
+from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
+from mu_runner.methods.functional import forget_gradients, random_other_labels
+
+SCHEDULES = ("sequential", "mixed")
+
+
+def top_fraction_mask(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
+    """Boolean masks: True on the round(ratio·N) largest scores of all tensors jointly."""
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    order = torch.sort(flat, descending=True, stable=True).indices  # stable: ties by flat index
+    keep[order[: round(ratio * flat.numel())]] = True
+    sizes = [s.numel() for s in scores.values()]
+    return {n: m.view_as(s) for (n, s), m in zip(scores.items(), keep.split(sizes))}
+
+
+class SalUn(UnlearningModule):
+    """Random labels on D_f plus α·CE on D_r, updating only the salient fraction of the weights."""
+
+    anchor = "retain"
+
+    def __init__(self, net: nn.Module, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
+                 epochs: int = 2, batch_size: int = 128, seed: int = 0, mask_ratio: float = 0.5,
+                 retain_weight: float = 1.0, schedule: str = "sequential") -> None:
+        super().__init__(net, optimizer, scheduler, epochs, batch_size, seed)
+        if optimizer is None:
+            raise ConfigError("method.optimizer=null: SalUn trains; give a torch.optim partial")
+        if not 0.0 < float(mask_ratio) <= 1.0:
+            raise ConfigError(f"method.mask_ratio={mask_ratio}: need 0 < mask_ratio <= 1 (fraction updated)")
+        if not float(retain_weight) >= 0.0:
+            raise ConfigError(f"method.retain_weight={retain_weight}: need retain_weight >= 0 (α)")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"method.schedule={schedule!r}: allowed {', '.join(SCHEDULES)}")
+        self.mask_ratio, self.retain_weight = float(mask_ratio), float(retain_weight)
+        self.schedule = schedule  # the datamodule serves whole passes only for "sequential"
+        self.mask: dict[str, Tensor] = {}  # name -> bool, True where the weight may change
+        self.start: dict[str, Tensor] = {}  # θ_o, where every masked-out weight must stay
+        self.forget_targets: Tensor | None = None
+
+    @property
+    def batch_sizes(self) -> dict[str, int]:
+        if self.schedule == "sequential":
+            return {"retain": self.batch_size, "forget": self.batch_size}
+        # mixed: one pass over D_r per epoch and, with proportional forget batches, one over D_f
+        n_f, n_r = (len(self.datamodule.indices(s)) for s in ("forget", "retain"))
+        return {"retain": self.batch_size, "forget": max(1, math.ceil(self.batch_size * n_f / max(n_r, 1)))}
+
+    def epoch_plan(self) -> list[str]:
+        return ["forget", "retain"]
+
+    def targets(self, name: str) -> Tensor | None:
+        """Fixed relabelled targets of the forget split (aligned with its indices); None otherwise."""
+        return self.forget_targets if name == "forget" else None
+
+    def on_train_start(self) -> None:
+        dm = self.datamodule
+        grads = forget_gradients(self.net, dm.batches("forget"))  # θ_o, eval mode, no optimizer
+        self.mask = top_fraction_mask({n: g.abs() for n, g in grads.items()}, self.mask_ratio)
+        self.start = {n: p.detach().clone() for n, p in self.net.named_parameters() if n in self.mask}
+        labels = dm.data.labels[dm.indices("forget").to(dm.data.labels.device)]
+        gen = torch.Generator().manual_seed(self.seed)
+        self.forget_targets = random_other_labels(labels, dm.data.num_classes, dm.split.classes, gen).cpu()
+
+    def unlearning_loss(self, batch: Batch) -> Tensor:
+        """CE(x_f, y') + α·CE(x_r, y_r); the forget y are the relabelled targets the loader serves."""
+        parts = [(batch[s], w) for s, w in (("forget", 1.0), ("retain", self.retain_weight)) if s in batch]
+        # mixed: one forward over both, so BN batch statistics are never those of the forget set alone
+        logits = self.net(torch.cat([x for (x, _), _ in parts])).split([len(y) for (_, y), _ in parts])
+        return sum(w * F.cross_entropy(z, y) for z, ((_, y), w) in zip(logits, parts))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for n, p in self.net.named_parameters():
+            if p.grad is not None:
+                p.grad.mul_(self.mask[n])
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.restore_masked(getattr(optimizer, "optimizer", optimizer))
+
+    @torch.no_grad()
+    def restore_masked(self, optimizer: torch.optim.Optimizer) -> None:
+        """θ ← m⊙θ + (1−m)⊙θ_o, optimizer state zeroed where m = 0 (decay and momentum act there)."""
+        for n, p in self.net.named_parameters():
+            if n not in self.mask:  # frozen (requires_grad=False): not trained at all
+                continue
+            m = self.mask[n]
+            p.copy_(torch.where(m, p, self.start[n]))
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    value.masked_fill_(~m, 0)

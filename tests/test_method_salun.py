@@ -1,0 +1,111 @@
+"""SalUn (METHODS.md §B salun): masked-out weights and optimizer state stay put; mask and labels right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, compose_config
+
+from mu_runner.errors import ConfigError
+from mu_runner.methods.functional import forget_gradients
+from mu_runner.run import build
+
+ADAM = ["method.optimizer._target_=torch.optim.Adam", "~method.optimizer.momentum", "method.optimizer.lr=1e-3",
+        "method.optimizer.weight_decay=5e-4"]
+
+FEW_STEPS = ["+trainer.limit_train_batches=2"]  # mask and labels are made before the first step
+
+
+def fit_salun(tmp, cache, *overrides, record: bool = False):
+    """A 1-epoch SalUn run on tiny digits; with `record`, the (split, y) of every training batch."""
+    cfg = compose_config([*TINY, "method=salun", "method.epochs=1", "forget.k=2", "reference=none",
+                          f"paths.cache_dir={cache}", *overrides], tmp)
+    stage = build(cfg)
+    seen = []
+    if record:
+        loss = stage.module.unlearning_loss
+        stage.module.unlearning_loss = lambda b: (seen.extend((k, y.clone()) for k, (_, y) in b.items()), loss(b))[1]
+    stage.fit()
+    return stage, seen
+
+
+@pytest.fixture(scope="module")
+def salun(shared_cache, tmp_path_factory):
+    """Default SalUn (SGD, momentum 0.9, weight decay 5e-4, sequential) forgetting 2 classes."""
+    return fit_salun(tmp_path_factory.mktemp("salun"), shared_cache, record=True)
+
+
+def assert_only_masked_weights_moved(stage) -> None:
+    module, optimizer = stage.module, stage.trainer.optimizers[0]
+    original = dict(stage.original.named_parameters())
+    moved = state_inside = 0
+    for n, p in module.net.named_parameters():
+        m = module.mask[n]
+        assert torch.equal(p[~m], original[n][~m]), n  # bit-identical despite decay and momentum
+        moved += int((p[m] != original[n][m]).sum())
+        for key, value in optimizer.state[p].items():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                assert (value[~m] == 0).all(), (n, key)
+                state_inside += int((value[m] != 0).sum())
+    assert moved > 0 and state_inside > 0  # a method that did nothing would pass the checks above
+
+
+def test_salun_with_sgd_momentum_and_decay_keeps_weights_outside_the_mask(salun):
+    stage, _ = salun
+    group = stage.trainer.optimizers[0].param_groups[0]
+    assert group["momentum"] == 0.9 and group["weight_decay"] > 0 and stage.trainer.global_step > 5
+    assert_only_masked_weights_moved(stage)
+
+
+def test_salun_with_adam_in_mixed_schedule_keeps_weights_outside_the_mask(shared_cache, tmp_path):
+    stage, _ = fit_salun(tmp_path, shared_cache, *ADAM, "method.schedule=mixed", "+trainer.limit_train_batches=6")
+    assert isinstance(stage.trainer.optimizers[0], torch.optim.Adam) and stage.trainer.global_step > 5
+    assert_only_masked_weights_moved(stage)
+
+
+def test_salun_mask_is_the_top_fraction_of_forget_saliency_over_all_weights(shared_cache, tmp_path):
+    stage, _ = fit_salun(tmp_path, shared_cache, "method.mask_ratio=0.3", *FEW_STEPS)
+    mask = stage.module.mask
+    total, kept = sum(m.numel() for m in mask.values()), sum(int(m.sum()) for m in mask.values())
+    assert abs(kept - 0.3 * total) <= 1
+    grads = forget_gradients(stage.original, stage.datamodule.batches("forget"))  # θ_o, recomputed
+    inside = torch.cat([grads[n].abs()[m] for n, m in mask.items()])
+    outside = torch.cat([grads[n].abs()[~m] for n, m in mask.items()])
+    assert inside.min() >= outside.max()
+    fractions = [m.float().mean().item() for m in mask.values()]
+    assert max(fractions) - min(fractions) > 0.5  # ranked jointly, not top-30 % of every tensor
+
+
+def test_salun_trains_on_relabelled_forget_targets_outside_the_forget_classes(salun):
+    stage, seen = salun
+    forget_ids = stage.split.forget
+    true = stage.data.labels.cpu()[forget_ids]
+    new = stage.module.targets("forget")
+    assert len(new) == len(forget_ids) and stage.module.targets("retain") is None
+    assert (new != true).all() and not torch.isin(new, torch.tensor(stage.split.classes)).any()
+    served = torch.cat([y for split, y in seen if split == "forget"]).cpu()
+    assert sorted(served.tolist()) == sorted(new.tolist())  # the loader serves exactly these
+    order = [split for split, _ in seen]  # sequential: a pass over D_f, then one over D_r
+    assert order == sorted(order) and order[0] == "forget" and order[-1] == "retain"
+
+
+def test_salun_same_seed_same_mask_and_labels(salun, shared_cache, tmp_path):
+    first, _ = salun
+    again, _ = fit_salun(tmp_path / "a", shared_cache, *FEW_STEPS)
+    other, _ = fit_salun(tmp_path / "b", shared_cache, "method.seed=1", *FEW_STEPS)
+    assert all(torch.equal(first.module.mask[n], again.module.mask[n]) for n in first.module.mask)
+    assert torch.equal(first.module.targets("forget"), again.module.targets("forget"))
+    assert not torch.equal(first.module.targets("forget"), other.module.targets("forget"))
+
+
+def test_salun_mask_pass_leaves_the_original_weights_untouched(salun):
+    stage, _ = salun
+    original = dict(stage.original.named_parameters())
+    assert all(torch.equal(v, original[n]) for n, v in stage.module.start.items())
+
+
+@pytest.mark.parametrize("key, value", [("mask_ratio", "0"), ("mask_ratio", "1.5"), ("schedule", "paired"),
+                                        ("retain_weight", "-1")])
+def test_salun_rejects_impossible_hyperparameters(tiny, key, value):
+    with pytest.raises(ConfigError, match=rf"method\.{key}="):
+        build(tiny("method=salun", f"method.{key}={value}"))
