@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -56,3 +56,24 @@ def forget_gradients(net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -
     finally:
         net.train(was_training)
     return total
+
+
+def negative_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """−CE: gradient ascent on the forget data (GA / NegGrad, and NegGrad+'s forget term)."""
+    return -F.cross_entropy(logits, labels)
+
+
+def l1_norm(params: Iterable[Tensor]) -> Tensor:
+    """‖θ‖₁ over the given tensors (l1_sparse's regulariser); its gradient is sign(θ)."""
+    return sum(p.abs().sum() for p in params)
+
+
+def batchnorm_eval(net: nn.Module, keep: Callable[[str], bool] = lambda name: False) -> None:
+    """Put every BatchNorm of `net` in eval mode, except modules whose name `keep` accepts.
+
+    Lightning switches the whole model to train mode at each epoch start, so methods call this
+    from `on_train_batch_start`; in eval mode BatchNorm uses and keeps its running statistics.
+    """
+    for name, module in net.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not keep(name):
+            module.eval()

@@ -1,0 +1,117 @@
+"""RL: train on the forget data with wrong labels (each sample relabelled once) and on D_r.
+
+Golatkar, Achille, Soatto, "Eternal Sunshine of the Spotless Net", CVPR 2020, arXiv:1911.04933
+(SalUn's RL); Graves, Nagisetty, Ganesh, "Amnesiac Machine Learning", AAAI 2021,
+arXiv:2010.10981. `nearest_wrong` follows Boundary Unlearning (Chen et al., CVPR 2023,
+arXiv:2303.11570); `freeze` follows Liao & Lin's selective layer-wise freezing.
+
+Each forget sample gets one new label y' ∈ A(y) (C_R class-wise, else every class but y) in
+`on_train_start`: `random_other` draws it from a generator seeded by `seed` (SalUn's `randint(0, K)`
+may return y itself), `nearest_wrong` takes θ_o's highest-scoring allowed class (eval mode, no
+augmentation). Schedules: `mixed` pairs each retain batch (anchor) with a cycled relabelled forget
+batch in one forward, L = CE(forget') + CE(retain) [design; deviation: METHODS.md's "shuffle
+D_f' ∪ D_r" sees each forget sample once per epoch, here D_f is cycled along a pass over D_r];
+`sequential` is one pass over D_f', then one over D_r, per epoch (SalUn's CIFAR-10 code).
+`target_counts` holds the per-class count of the new labels (also logged).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mu_runner.errors import ConfigError
+from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
+from mu_runner.methods.functional import batchnorm_eval, nearest_wrong_labels, random_other_labels
+from mu_runner.metrics.suite import scoring
+
+log = logging.getLogger("mu_runner")
+RELABEL = ("random_other", "nearest_wrong")
+SCHEDULES = {"mixed": "paired", "sequential": "sequential"}  # config name -> StageData's
+
+
+class RandomLabel(UnlearningModule):
+    """CE on D_f with fixed wrong labels plus CE on D_r; with `freeze`, only `trainable` learns."""
+
+    anchor = "retain"
+
+    def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
+                 scheduler: SchedulerFactory | None = None, epochs: int = 10,
+                 batch_size: int = 256, seed: int = 0, relabel: str = "random_other",
+                 schedule: str = "mixed", freeze: bool = False,
+                 trainable: list[str] | tuple[str, ...] = ("layer4", "fc")) -> None:
+        super().__init__(net, optimizer, scheduler, epochs, batch_size, seed)
+        if relabel not in RELABEL:
+            raise ConfigError(f"method.relabel={relabel!r}: allowed {', '.join(RELABEL)}")
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"method.schedule={schedule!r}: allowed {', '.join(SCHEDULES)}")
+        self.relabel, self.schedule = relabel, SCHEDULES[schedule]
+        self.freeze, self.trainable = bool(freeze), tuple(trainable)
+        self.new_labels: Tensor | None = None
+        self.target_counts: Tensor | None = None
+        if self.freeze and net is not None:  # now: configure_optimizers skips frozen weights
+            self._freeze(net)
+
+    @staticmethod
+    def _under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
+    def _is_trainable(self, name: str) -> bool:
+        """`name` is inside `net.body`; trainable entries are module-name prefixes there."""
+        return any(self._under(name, p) for p in self.trainable)
+
+    def _freeze(self, net: nn.Module) -> None:
+        names = [n for n, _ in net.body.named_modules()]
+        missing = [p for p in self.trainable if not any(self._under(n, p) for n in names)]
+        if missing:
+            top = ", ".join(n for n in names if n and "." not in n)
+            raise ConfigError(f"method.trainable={list(self.trainable)}: {missing} are not modules "
+                              f"of the backbone ({top})")
+        for name, p in net.body.named_parameters():
+            p.requires_grad_(self._is_trainable(name))
+
+    @property
+    def batch_sizes(self) -> dict[str, int]:
+        return {"retain": self.batch_size, "forget": self.batch_size}
+
+    def epoch_plan(self) -> list[str]:
+        return ["forget", "retain"]
+
+    def targets(self, name: str) -> Tensor | None:
+        """New labels of the forget split, aligned with `datamodule.indices("forget")`."""
+        if name != "forget":
+            return None
+        if self.new_labels is None:
+            raise RuntimeError("random_label: forget targets read before on_train_start set them")
+        return self.new_labels
+
+    def on_train_start(self) -> None:
+        dm = self.datamodule
+        classes, k = dm.split.classes, dm.data.num_classes
+        labels = dm.data.labels.cpu()[dm.indices("forget").cpu()]
+        if self.relabel == "random_other":
+            gen = torch.Generator().manual_seed(self.seed)
+            new = random_other_labels(labels, k, classes, gen)
+        else:
+            with scoring(self.net):  # θ_o, eval mode, fp32, fixed order, no augmentation
+                logits = torch.cat([self.net(x).float().cpu() for x, _ in dm.batches("forget")])
+            new = nearest_wrong_labels(logits, labels, classes)
+        self.new_labels = new.cpu()
+        self.target_counts = torch.bincount(self.new_labels, minlength=k)
+        log.info("random_label: new forget labels per class %s", self.target_counts.tolist())
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.freeze:  # frozen modules keep their BatchNorm statistics too
+            batchnorm_eval(self.net.body, keep=self._is_trainable)
+
+    def unlearning_loss(self, batch: Batch) -> Tensor:
+        if len(batch) == 1:  # sequential: one split per step
+            (x, y), = batch.values()
+            return F.cross_entropy(self.net(x), y)
+        (xr, yr), (xf, yf) = batch["retain"], batch["forget"]
+        logits = self.net(torch.cat([xf, xr]))  # one forward: BatchNorm sees the mixed batch
+        return F.cross_entropy(logits[: len(xf)], yf) + F.cross_entropy(logits[len(xf):], yr)
