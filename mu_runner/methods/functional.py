@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 
 import torch
@@ -66,6 +67,15 @@ def negative_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 def l1_norm(params: Iterable[Tensor]) -> Tensor:
     """‖θ‖₁ over the given tensors (l1_sparse's regulariser); its gradient is sign(θ)."""
     return sum(p.abs().sum() for p in params)
+
+
+def frozen_copy(net: nn.Module) -> nn.Module:
+    """A deep copy of `net` in eval mode with no gradients: a teacher or probe that never trains.
+
+    Methods keep it in a plain list, so it is no submodule: not in the optimizer, not in the
+    checkpoint, and not switched to train mode by Lightning.
+    """
+    return copy.deepcopy(net).eval().requires_grad_(False)
 
 
 def batchnorm_eval(net: nn.Module, keep: Callable[[str], bool] = lambda name: False) -> None:
