@@ -19,6 +19,7 @@ TINY = [
     "trainer=tiny",
     "logger=none",
     "callbacks=tiny",
+    "method=finetune",        # the cheapest method; tests of other methods override it
     "train.epochs=2",
     "train.batch_size=64",
     "eval.feature_samples=100",

@@ -9,7 +9,7 @@ import pytest
 from hydra.utils import get_class, get_method, instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF, METHODS
+from conftest import CONF, METHODS, compose_config
 
 GROUPS = {g: sorted(p.stem for p in Path(CONF, g).glob("*.yaml"))
           for g in ("data", "backbone", "forget", "method", "trainer", "logger", "callbacks", "paths", "train", "experiment")}
@@ -22,13 +22,21 @@ def test_design_options_exist():
         "data": {"digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "synthetic"},
         "backbone": {"resnet18", "resnet50", "vit_tiny", "vit_small", "test_resnet", "test_vit"},
         "forget": {"classes", "random", "indices"},
-        "method": {"original", "retrain", "finetune"},
+        "method": {"original", "retrain", "finetune", "grad_ascent", "neggrad_plus", "random_label",
+                   "l1_sparse", "boundary_shrink", "scrub", "bad_teacher", "ssd", "salun"},
         "trainer": {"default", "cpu", "gpu", "ddp", "tiny"},
         "logger": {"csv", "wandb", "tensorboard", "none"},
         "paths": {"default"},
     }
     for group, options in required.items():
         assert options <= set(GROUPS[group]), group
+
+
+def test_the_default_run_is_the_issue_defaults(tmp_path):
+    cfg = compose_config([], tmp_path)  # python -m mu_runner, nothing on the command line
+    assert cfg.method._target_ == "mu_runner.methods.salun.SalUn"
+    assert (cfg.data.name, cfg.forget.k, cfg.forget.fraction) == ("digits", None, None)  # k=1 when neither
+    assert cfg.backbone.name == "resnet18"
 
 
 def _callable(target: str):

@@ -6,7 +6,9 @@ import csv
 import json
 from pathlib import Path
 
-from mu_runner.report import load_runs, main, markdown, scenario
+import pytest
+
+from mu_runner.report import acc_gap, load_runs, main, markdown, scenario
 
 
 def _write(root: Path, name: str, method: str, seed: int, forget_acc: float, gap: float, classes=(3,)) -> None:
@@ -52,3 +54,10 @@ def test_scenario_labels():
     assert scenario({"forget_classes": [1, 2], "n_forget": 2, "n_retain": 8}) == "classes k=2"
     assert scenario({"forget_classes": None, "forget_kind": "random", "n_forget": 10, "n_retain": 90}) == "random 10%"
     assert scenario({"forget_classes": None, "forget_kind": "indices", "n_forget": 4, "n_retain": 96}) == "indices n=4"
+
+
+def test_acc_gap_is_avg_gap_without_the_mia_term():
+    m = {"forget_acc": 0.1, "retain_acc": 0.9, "test_acc": 0.8, "mia_efficacy": 0.0,
+         "retrain": {"forget_acc": 0.0, "retain_acc": 0.95, "test_acc": 0.8, "mia_efficacy": 1.0}}
+    assert acc_gap(m) == pytest.approx((0.1 + 0.05 + 0.0) / 3)
+    assert acc_gap({**m, "retrain": None}) is None  # no reference, no gap
