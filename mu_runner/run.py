@@ -151,6 +151,7 @@ def build(cfg: DictConfig) -> Stage:
     if cfg.reference not in ("retrain", "none", None):
         raise ConfigError(f"reference={cfg.reference!r}: allowed retrain, none")
     make_method(cfg, net=None)  # bad method values raise before anything is trained
+    check_forget_kind(cfg)
     data = load_data(cfg)
     split = make_split(cfg, data)
     cache = Cache(cfg.paths.cache_dir)
@@ -172,6 +173,14 @@ def build(cfg: DictConfig) -> Stage:
     trainer = _trainer(cfg, module.epochs, logger=build_logger(cfg) or False, callbacks=callbacks)
     return Stage(cfg, data, split, original, reference, module, trainer, StageData(data, split, cfg.seed),
                  timer, evaluation, {"original": hit_o, "retrain": hit_r})
+
+
+def check_forget_kind(cfg: DictConfig) -> None:
+    """A class-level method (mnemonic codes, weight filters) refuses sample forgetting up front."""
+    kinds = _target_class(cfg.method).forget_kinds
+    if cfg.forget.kind not in kinds:
+        raise ConfigError(f"forget={cfg.forget.kind}: method {_target_class(cfg.method).__name__} handles "
+                          f"forget={'|'.join(kinds)} only")
 
 
 def make(node: DictConfig, what: str, **kwargs):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import METHODS
-from mu_runner.run import run
+from mu_runner.errors import ConfigError
+from mu_runner.run import _target_class, run
 
 KEYS = {"forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy", "avg_gap",
         "unlearn_seconds", "original", "retrain", "layer_change", "feature_shift"}
@@ -30,6 +31,11 @@ def test_method_forgets_two_classes_and_writes_valid_metrics(method, tiny, share
 @pytest.mark.parametrize("method", METHODS)
 def test_method_handles_random_sample_forgetting(method, tiny, shared_cache):
     cfg = tiny(f"method={method}", "forget=random", "forget.fraction=0.1", f"paths.cache_dir={shared_cache}")
+    if "random" not in _target_class(cfg.method).forget_kinds:  # class-level by design: a clear refusal
+        with pytest.raises(ConfigError, match="forget=random: method .* handles forget=classes"):
+            run(cfg)
+        assert not Path(cfg.paths.output_dir, "metrics.json").exists()
+        return
     run(cfg)
     m = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert m["forget_classes"] is None and m["test_forget_acc"] is None

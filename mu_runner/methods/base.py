@@ -29,6 +29,7 @@ class UnlearningModule(L.LightningModule):
     anchor: str = "retain"
     schedule: str = "paired"  # paired: {split: batch} each step | sequential: whole passes (epoch_plan)
     from_scratch: bool = False  # True: the runner hands over a fresh network, not the original
+    forget_kinds: tuple[str, ...] = ("classes", "random", "indices")  # the forget sets it can handle
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, epochs: int = 1,
