@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.errors import ConfigError
+
 
 def allowed_targets(labels: Tensor, num_classes: int, forget_classes: list[int] | None) -> Tensor:
     """Boolean (N, K): the classes each sample may be relabelled to (METHODS.md G6).
@@ -69,6 +71,51 @@ def l1_norm(params: Iterable[Tensor]) -> Tensor:
     return sum(p.abs().sum() for p in params)
 
 
+def top_fraction_mask(scores: dict[str, Tensor], ratio: float, count: int | None = None) -> dict[str, Tensor]:
+    """Boolean masks: True on the round(ratio·N) (or `count`) largest scores of all tensors jointly."""
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    order = torch.sort(flat, descending=True, stable=True).indices  # stable: ties by flat index
+    keep[order[: round(ratio * flat.numel()) if count is None else count]] = True
+    sizes = [s.numel() for s in scores.values()]
+    return {n: m.view_as(s) for (n, s), m in zip(scores.items(), keep.split(sizes))}
+
+
+@torch.no_grad()
+def pin_(net: nn.Module, free: dict[str, Tensor], values: dict[str, Tensor],
+         optimizer: torch.optim.Optimizer) -> None:
+    """θ ← where(free, θ, values) for every parameter named in `free`, and the optimizer state there zeroed.
+
+    After an optimizer step: weight decay and momentum move weights whose gradient is zero, so
+    masked weights (SalUn: back to θ_o; weight_reset prune: back to 0) are put back, and their
+    momentum / Adam moments cleared so that they cannot drift at the next step either.
+    """
+    for n, p in net.named_parameters():
+        if n not in free:
+            continue
+        m = free[n]
+        p.copy_(torch.where(m, p, values[n]))
+        for value in optimizer.state.get(p, {}).values():
+            if torch.is_tensor(value) and value.shape == p.shape:
+                value.masked_fill_(~m, 0)
+
+
+def freeze_except(net: nn.Module, trainable: tuple[str, ...]) -> None:
+    """requires_grad only for parameters of `net.body` under the module-name prefixes `trainable`."""
+    names = [n for n, _ in net.body.named_modules()]
+    missing = [p for p in trainable if not any(under(n, p) for n in names)]
+    if missing:
+        top = ", ".join(n for n in names if n and "." not in n)
+        raise ConfigError(f"method.trainable={list(trainable)}: {missing} are not modules of the backbone ({top})")
+    for name, p in net.body.named_parameters():
+        p.requires_grad_(any(under(name, t) for t in trainable))
+
+
+def under(name: str, prefix: str) -> bool:
+    """`name` is the module `prefix` or inside it (dotted names)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def frozen_copy(net: nn.Module) -> nn.Module:
     """A deep copy of `net` in eval mode with no gradients: a teacher or probe that never trains.
 
@@ -87,3 +134,31 @@ def batchnorm_eval(net: nn.Module, keep: Callable[[str], bool] = lambda name: Fa
     for name, module in net.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not keep(name):
             module.eval()
+
+
+def sinkhorn_plan(cost: Tensor, epsilon: float = 0.01, max_iter: int = 50, tol: float = 1e-3) -> Tensor:
+    """Entropic optimal-transport plan between uniform weights on the rows and columns of `cost`.
+
+    Log-domain Sinkhorn (Cuturi, NeurIPS 2013, arXiv:1306.0895), stable for small ε: with
+    M_ij = (−C_ij + u_i + v_j)/ε, u ← u + ε(log μ − LSE_j M), v ← v + ε(log ν − LSE_i M), at most
+    `max_iter` rounds, stopping once Σ|Δu| < `tol`; the plan is P = exp(M) and OT = Σ P ⊙ C.
+    Differentiable: gradients flow through C and the unrolled iterations. Float32 at least (a bf16
+    cost under autocast is promoted), on the cost's own device. The common code's `tol` 0.1 stops
+    after a few rounds at ε = 0.01, with row sums off by about μ itself; 1e-3 keeps them within 1e-2.
+    """
+    c = cost if cost.dtype in (torch.float32, torch.float64) else cost.float()
+    n, m = c.shape
+    log_mu = torch.full((n,), 1.0 / n, dtype=c.dtype, device=c.device).log()
+    log_nu = torch.full((m,), 1.0 / m, dtype=c.dtype, device=c.device).log()
+    u, v = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
+
+    def scaled(u: Tensor, v: Tensor) -> Tensor:
+        return (u[:, None] + v[None, :] - c) / epsilon
+
+    for _ in range(int(max_iter)):
+        u_prev = u
+        u = u + epsilon * (log_mu - torch.logsumexp(scaled(u, v), 1))
+        v = v + epsilon * (log_nu - torch.logsumexp(scaled(u, v), 0))
+        if float((u - u_prev).detach().abs().sum()) < tol:
+            break
+    return scaled(u, v).exp()

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
-from mu_runner.methods.functional import batchnorm_eval, nearest_wrong_labels, random_other_labels
+from mu_runner.methods.functional import (batchnorm_eval, freeze_except, nearest_wrong_labels,
+                                          random_other_labels, under)
 from mu_runner.metrics.suite import scoring
 
 log = logging.getLogger("mu_runner")
@@ -54,25 +55,11 @@ class RandomLabel(UnlearningModule):
         self.new_labels: Tensor | None = None
         self.target_counts: Tensor | None = None
         if self.freeze and net is not None:  # now: configure_optimizers skips frozen weights
-            self._freeze(net)
-
-    @staticmethod
-    def _under(name: str, prefix: str) -> bool:
-        return name == prefix or name.startswith(prefix + ".")
+            freeze_except(net, self.trainable)
 
     def _is_trainable(self, name: str) -> bool:
         """`name` is inside `net.body`; trainable entries are module-name prefixes there."""
-        return any(self._under(name, p) for p in self.trainable)
-
-    def _freeze(self, net: nn.Module) -> None:
-        names = [n for n, _ in net.body.named_modules()]
-        missing = [p for p in self.trainable if not any(self._under(n, p) for n in names)]
-        if missing:
-            top = ", ".join(n for n in names if n and "." not in n)
-            raise ConfigError(f"method.trainable={list(self.trainable)}: {missing} are not modules "
-                              f"of the backbone ({top})")
-        for name, p in net.body.named_parameters():
-            p.requires_grad_(self._is_trainable(name))
+        return any(under(name, p) for p in self.trainable)
 
     @property
     def batch_sizes(self) -> dict[str, int]:

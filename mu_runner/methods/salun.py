@@ -24,19 +24,9 @@ from torch import Tensor, nn
 
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
-from mu_runner.methods.functional import forget_gradients, random_other_labels
+from mu_runner.methods.functional import forget_gradients, pin_, random_other_labels, top_fraction_mask
 
 SCHEDULES = ("sequential", "mixed")
-
-
-def top_fraction_mask(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:
-    """Boolean masks: True on the round(ratio·N) largest scores of all tensors jointly."""
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    order = torch.sort(flat, descending=True, stable=True).indices  # stable: ties by flat index
-    keep[order[: round(ratio * flat.numel())]] = True
-    sizes = [s.numel() for s in scores.values()]
-    return {n: m.view_as(s) for (n, s), m in zip(scores.items(), keep.split(sizes))}
 
 
 class SalUn(UnlearningModule):
@@ -102,14 +92,6 @@ class SalUn(UnlearningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self.restore_masked(getattr(optimizer, "optimizer", optimizer))
 
-    @torch.no_grad()
     def restore_masked(self, optimizer: torch.optim.Optimizer) -> None:
         """θ ← m⊙θ + (1−m)⊙θ_o, optimizer state zeroed where m = 0 (decay and momentum act there)."""
-        for n, p in self.net.named_parameters():
-            if n not in self.mask:  # frozen (requires_grad=False): not trained at all
-                continue
-            m = self.mask[n]
-            p.copy_(torch.where(m, p, self.start[n]))
-            for value in optimizer.state.get(p, {}).values():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    value.masked_fill_(~m, 0)
+        pin_(self.net, self.mask, self.start, optimizer)
