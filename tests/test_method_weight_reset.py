@@ -36,7 +36,7 @@ def n_eligible(net) -> int:
 @pytest.fixture(scope="module")
 def pruned(shared_cache, tmp_path_factory):
     """prune 5 % globally, then one repair epoch with SGD momentum 0.9 and weight decay 5e-4."""
-    return fit(tmp_path_factory.mktemp("wr_prune"), shared_cache, "method.mode=prune")
+    return fit(tmp_path_factory.mktemp("wr_prune"), shared_cache, "method.mode=prune", "method.ratio=0.05")
 
 
 def test_exactly_floor_k_n_eligible_weights_are_reset_and_only_conv_linear_weights(pruned):
