@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -15,7 +14,9 @@ from mu_runner.metrics.suite import evaluate, feature_shift, stratified_subset
 
 log = logging.getLogger("mu_runner")
 
-KEYS = ("forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy")
+KEYS = ("forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy", "mia_loss_acc", "forget_score",
+        "nomus")
+TABLE_KEYS = ("forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy", "nomus", "avg_gap")
 
 
 def assemble(stage) -> dict:
@@ -47,6 +48,8 @@ def assemble(stage) -> dict:
         "n_retain": len(split.retain),
         **{k: after[k] for k in KEYS},
         "unlearn_seconds": stage.timer.seconds - stage.evaluation.epoch_seconds,
+        "prep_seconds": stage.module.prep_seconds,  # one-off set-up (weight filters), not in unlearn_seconds
+        "prep_cached": stage.module.prep_cached,  # True: prep_seconds was measured when the cache entry was made
         "eval_seconds_during_unlearning": stage.evaluation.epoch_seconds,
         "epochs_run": stage.trainer.current_epoch,
         "optimizer_steps": stage.trainer.global_step,
@@ -71,6 +74,8 @@ def write_outputs(stage, out: Path) -> dict:
     try:
         from mu_runner.plots import run_plots
         run_plots(metrics, out)
+        if hasattr(stage.module, "write_artifacts"):  # a method's own views (e.g. snu's Grad-CAM grid)
+            stage.module.write_artifacts(out)
     except Exception as err:  # a plot must never cost a finished run
         log.warning("plots skipped: %s", err)
     _log_summary(stage, metrics)
@@ -108,11 +113,11 @@ def summary_table(m: dict) -> str:
     lines = [f"{m['method']} on {m['data']}/{m['backbone']}, forget "
              f"{m['forget_classes'] if m['forget_classes'] is not None else str(m['n_forget']) + ' samples'}"
              f" (seed {m['seed']})",
-             f"{'model':<10} {'forget':>6} {'retain':>6} {'test':>6} {'t_fgt':>6} {'MIA':>6} {'gap':>6}"]
+             f"{'model':<10} {'forget':>6} {'retain':>6} {'test':>6} {'t_fgt':>6} {'MIA':>6} {'NoMUS':>6} {'gap':>6}"]
     for name, s in rows:
         if s is None:
             lines.append(f"{name:<10} (reference=none)")
             continue
-        lines.append(f"{name:<10} " + " ".join(_fmt(s.get(k)) for k in (*KEYS, "avg_gap")))
+        lines.append(f"{name:<10} " + " ".join(_fmt(s.get(k)) for k in TABLE_KEYS))
     lines.append(f"unlearning took {m['unlearn_seconds']:.2f} s")
     return "\n".join(lines)

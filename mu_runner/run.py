@@ -23,7 +23,7 @@ from mu_runner.callbacks.timing import UnlearnTimer
 from mu_runner.data import forget as F
 from mu_runner.data.datamodule import InMemoryData, StageData
 from mu_runner.errors import CheckpointError, ConfigError, MuRunnerError
-from mu_runner.methods.base import UnlearningModule
+from mu_runner.methods.base import ARTIFACT_PREFIX, OriginalRecipe, UnlearningModule
 from mu_runner.methods.supervised import SupervisedTraining
 from mu_runner.models import Classifier
 from mu_runner.outputs import write_outputs
@@ -87,15 +87,24 @@ def _trainer(cfg: DictConfig, epochs: int, **kwargs) -> L.Trainer:
     return instantiate(cfg.trainer, max_epochs=epochs, **kwargs)
 
 
-def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, net: Classifier) -> dict:
-    """Train `net` with the recipe `cfg.train` on `retain`; returns its state dict."""
+def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, net: Classifier,
+                   recipe: OriginalRecipe | None = None) -> dict:
+    """Train `net` with the recipe `cfg.train` on `retain`; returns its state dict.
+
+    A method's own `recipe` (e.g. mnemonic codes mixed in) swaps the training module; what that
+    module keeps with the model (`artifacts()`) joins the state under ARTIFACT_PREFIX.
+    """
     t = cfg.train
-    module = SupervisedTraining(net, instantiate(t.optimizer), instantiate(t.scheduler) if t.scheduler else None,
-                                t.epochs, t.batch_size, cfg.seed)
+    args = (net, instantiate(t.optimizer), instantiate(t.scheduler) if t.scheduler else None,
+            t.epochs, t.batch_size, cfg.seed)
+    module = SupervisedTraining(*args) if recipe is None else recipe.training(*args, data=data)
     dm = StageData(data, F.ForgetSplit(retain[:0], retain, None), cfg.seed)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     _trainer(cfg, t.epochs, logger=False, callbacks=[]).fit(module, datamodule=dm)
-    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    if recipe is not None:
+        state.update({ARTIFACT_PREFIX + k: v.detach().cpu() for k, v in module.artifacts().items()})
+    return state
 
 
 def _recipe_spec(cfg: DictConfig) -> dict:
@@ -130,14 +139,25 @@ def read_checkpoint(path: str) -> dict:
     return state.get("state_dict", state)
 
 
-def get_original(cfg: DictConfig, data: InMemoryData, cache: Cache) -> tuple[Classifier, bool]:
+def get_original(cfg: DictConfig, data: InMemoryData, cache: Cache,
+                 method_cls: type[UnlearningModule] | None = None) -> tuple[Classifier, bool]:
+    """The original, cached; a method with its own `original_recipe` gets its own cache entry.
+
+    Tensors stored next to the weights (ARTIFACT_PREFIX, e.g. mnemonic codes) are stripped before
+    the strict load and handed over as `original.artifacts` (empty for the plain original).
+    """
     net = new_net(cfg, data)
+    recipe = method_cls.original_recipe(cfg.method) if method_cls is not None else None
     if cfg.original_checkpoint:
         path = str(cfg.original_checkpoint)
-        return load_weights(net, read_checkpoint(path), f"original_checkpoint={path!r}"), True
-    spec = {"kind": "original", **_recipe_spec(cfg)}
-    state, hit = cache.get_or_create("original", spec, lambda: fit_supervised(cfg, data, data.pool, new_net(cfg, data)))
-    return load_weights(net, state, f"cache entry {cache.path('original', spec)}"), hit
+        state, hit, where = read_checkpoint(path), True, f"original_checkpoint={path!r}"
+    else:
+        spec = {"kind": "original", **_recipe_spec(cfg), **({"method_recipe": recipe.key} if recipe else {})}
+        state, hit = cache.get_or_create("original", spec, lambda: fit_supervised(
+            cfg, data, data.pool, new_net(cfg, data), **({"recipe": recipe} if recipe else {})))
+        where = f"cache entry {cache.path('original', spec)}"
+    net.artifacts = {k.removeprefix(ARTIFACT_PREFIX): v for k, v in state.items() if k.startswith(ARTIFACT_PREFIX)}
+    return load_weights(net, {k: v for k, v in state.items() if not k.startswith(ARTIFACT_PREFIX)}, where), hit
 
 
 def get_reference(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit, cache: Cache) -> tuple[Classifier, bool]:
@@ -155,13 +175,14 @@ def build(cfg: DictConfig) -> Stage:
     data = load_data(cfg)
     split = make_split(cfg, data)
     cache = Cache(cfg.paths.cache_dir)
-    original, hit_o = get_original(cfg, data, cache)
+    original, hit_o = get_original(cfg, data, cache, _target_class(cfg.method))
     reference, hit_r = (None, None)
     if cfg.reference == "retrain":
         reference, hit_r = get_reference(cfg, data, split, cache)
     method_cls = _target_class(cfg.method)
     net = new_net(cfg, data) if method_cls.from_scratch else copy.deepcopy(original)
     module = make_method(cfg, net=net)
+    prepare_method(cfg, module, original, data, cache)  # one-off, cached: outside unlearn_seconds
     timer = UnlearnTimer()
     evaluation = UnlearningEvaluation(data, split, cfg.seed, cfg.eval.mia, cfg.callbacks.eval_every_n_epochs,
                                       original=original)
@@ -173,6 +194,28 @@ def build(cfg: DictConfig) -> Stage:
     trainer = _trainer(cfg, module.epochs, logger=build_logger(cfg) or False, callbacks=callbacks)
     return Stage(cfg, data, split, original, reference, module, trainer, StageData(data, split, cfg.seed),
                  timer, evaluation, {"original": hit_o, "retrain": hit_r})
+
+
+def prepare_method(cfg: DictConfig, module: UnlearningModule, original: Classifier, data: InMemoryData,
+                   cache: Cache) -> None:
+    """The method's one-off set-up (`UnlearningModule.prepare`), before the unlearning timer.
+
+    Its cache spec is what determines the original (recipe, or the checkpoint's bytes), never the
+    forget set, so every forget set reuses one artifact; `fit` trains on the whole pool.
+    """
+    if type(module).prepare is UnlearningModule.prepare:
+        return
+    spec = _recipe_spec(cfg)
+    if cfg.original_checkpoint:
+        import hashlib
+        spec["original_checkpoint"] = hashlib.sha256(Path(str(cfg.original_checkpoint)).read_bytes()).hexdigest()
+
+    def fit(lit: L.LightningModule, epochs: int) -> None:
+        dm = StageData(data, F.ForgetSplit(data.pool[:0], data.pool, None), cfg.seed)
+        L.seed_everything(cfg.seed, workers=False, verbose=False)
+        _trainer(cfg, epochs, logger=False, callbacks=[]).fit(lit, datamodule=dm)
+
+    module.prepare(cache, spec, original, data, fit)
 
 
 def check_forget_kind(cfg: DictConfig) -> None:

@@ -359,7 +359,8 @@ def data():
 def test_evaluate_oracle_scores_perfectly(data):
     split = class_split(data.labels, data.pool, [2])
     out = evaluate(Oracle(), data, split)
-    assert set(out) == {"forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy"}
+    assert set(out) == {"forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy",
+                        "mia_loss_acc", "forget_score", "nomus"}
     assert out["forget_acc"] == out["retain_acc"] == out["test_acc"] == out["test_forget_acc"] == 1.0
 
 

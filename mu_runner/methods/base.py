@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -21,6 +22,20 @@ from mu_runner.errors import ConfigError, DivergedError
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
 Batch = dict[str, tuple[Tensor, Tensor]]
+ARTIFACT_PREFIX = "artifact."  # cache-entry keys stored next to an original's weights (e.g. mnemonic codes)
+
+
+@dataclass(frozen=True)
+class OriginalRecipe:
+    """A method's own original (`UnlearningModule.original_recipe`): cached apart from the plain one.
+
+    `key` joins the original's cache spec; `training(net, optimizer, scheduler, epochs, batch_size,
+    seed, data=InMemoryData)` returns the module that trains it, whose `artifacts()` (name -> tensor)
+    the runner stores in the cache entry and hands back as `original.artifacts`.
+    """
+
+    key: dict
+    training: Callable[..., UnlearningModule]
 
 
 class UnlearningModule(L.LightningModule):
@@ -30,6 +45,8 @@ class UnlearningModule(L.LightningModule):
     schedule: str = "paired"  # paired: {split: batch} each step | sequential: whole passes (epoch_plan)
     from_scratch: bool = False  # True: the runner hands over a fresh network, not the original
     forget_kinds: tuple[str, ...] = ("classes", "random", "indices")  # the forget sets it can handle
+    prep_seconds: float | None = None  # one-off set-up cost (`prepare`), reported apart from unlearn_seconds
+    prep_cached: bool | None = None  # True: prep_seconds is the cost measured when the cache entry was made
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, epochs: int = 1,
@@ -60,6 +77,24 @@ class UnlearningModule(L.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    @classmethod
+    def original_recipe(cls, method_cfg) -> OriginalRecipe | None:
+        """How this method's original is trained, if not like everybody's (None: the shared plain one).
+
+        The original's recipe is part of a method that needs it (mnemonic codes are mixed into
+        training); the retrained reference stays the plain retrain.
+        """
+        return None
+
+    def prepare(self, cache, spec: dict, original: nn.Module, data, fit: Callable) -> None:
+        """One-off set-up shared by every forget set (e.g. weight filters trained on D_tr).
+
+        The runner calls it before the unlearning timer starts: cache the artifact under `spec`
+        (what determines the original) plus the method's own hyper-parameters, never the forget
+        set, and set `prep_seconds` / `prep_cached`. `fit(module, epochs)` trains a LightningModule
+        on the whole training pool (split `retain`) with the run's trainer. Default: nothing.
+        """
 
     def unlearning_loss(self, batch: Batch) -> Tensor:
         raise NotImplementedError

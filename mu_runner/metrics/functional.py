@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
 from sklearn.svm import SVC
 from torch import Tensor
 
@@ -92,3 +94,43 @@ def avg_gap(unlearned: Mapping[str, float | None], retrain: Mapping[str, float |
     if not all(gaps):
         return None
     return sum(abs(float(unlearned[k]) - float(retrain[k])) for k in GAP_KEYS) / len(GAP_KEYS)
+
+
+def per_sample_loss(probs: Tensor, labels: Tensor) -> Tensor:
+    """CE of each sample, −log p_y, from softmax probabilities (finite even where p_y is 0)."""
+    if labels.numel() == 0:
+        return torch.empty(0)
+    p_y = probs.gather(1, labels.view(-1, 1)).flatten()
+    return -p_y.double().clamp_min(1e-38).log()  # float32's smallest normal: a loss <= 87.5
+
+
+def mia_loss_acc(member_losses: Tensor, nonmember_losses: Tensor, seed: int = 0) -> float | None:
+    """Loss-threshold MIA of the NeurIPS 2023 unlearning challenge kit (used by DLFD).
+
+    Members (forget set, label 1) vs non-members (unseen data, label 0) by per-sample CE loss; the
+    larger set is subsampled (seeded) to the smaller's size, a `LogisticRegression()` is scored by
+    `StratifiedShuffleSplit(n_splits=10, random_state=0)`; value = mean CV accuracy (0.5 = chance).
+    None with fewer than 10 samples on a side (too few for ten splits with a 10 % test fold).
+    """
+    n = min(len(member_losses), len(nonmember_losses))
+    if n < 10:
+        return None
+    gen = torch.Generator().manual_seed(int(seed))
+    members = member_losses[torch.randperm(len(member_losses), generator=gen)[:n]]
+    nonmembers = nonmember_losses[torch.randperm(len(nonmember_losses), generator=gen)[:n]]
+    x = torch.cat([members, nonmembers]).double().reshape(-1, 1).numpy()
+    y = np.concatenate([np.ones(n), np.zeros(n)])
+    cv = StratifiedShuffleSplit(n_splits=10, random_state=0)
+    return float(cross_val_score(LogisticRegression(), x, y, cv=cv, scoring="accuracy").mean())
+
+
+def forget_score(mia_acc: float | None) -> float | None:
+    """FS = |mia_loss_acc − 0.5|: 0 when forget losses look like unseen data's, at most 0.5."""
+    return None if mia_acc is None else abs(float(mia_acc) - 0.5)
+
+
+def nomus(test_acc: float | None, fs: float | None) -> float | None:
+    """NoMUS = ½·(TA + 1 − 2·FS) (DLFD, arXiv 2409.14747): utility and indiscernibility, in [0, 1]."""
+    if test_acc is None or fs is None:
+        return None
+    return 0.5 * (float(test_acc) + 1.0 - 2.0 * float(fs))

@@ -50,7 +50,8 @@ def _mia_feature(probs: Tensor, labels: Tensor, kind: str) -> Tensor:
 
 def evaluate(net: nn.Module, data: InMemoryData, split: ForgetSplit, seed: int = 0,
              mia: str = "confidence") -> dict[str, float | None]:
-    """forget/retain/test accuracy, test accuracy on forgotten classes, and MIA efficacy."""
+    """forget/retain/test accuracy, test accuracy on forgotten classes, MIA efficacy, and the
+    loss-MIA accuracy with its forgetting score and NoMUS (non-members: D_te, class-wise D_te^F)."""
     labels, test_labels = data.labels.cpu(), data.test_labels.cpu()
     p_forget = predict(net, data.images, split.forget)
     p_retain = predict(net, data.images, split.retain)
@@ -61,7 +62,7 @@ def evaluate(net: nn.Module, data: InMemoryData, split: ForgetSplit, seed: int =
         is_forget_class = torch.isin(test_labels, torch.tensor(split.classes))
     keep = ~is_forget_class
     feat_test = _mia_feature(p_test[keep], test_labels[keep], mia)
-    return {
+    scores = {
         "forget_acc": MF.accuracy(p_forget.argmax(1), y_f),
         "retain_acc": MF.accuracy(p_retain.argmax(1), y_r),
         "test_acc": MF.accuracy(p_test[keep].argmax(1), test_labels[keep]),
@@ -70,6 +71,11 @@ def evaluate(net: nn.Module, data: InMemoryData, split: ForgetSplit, seed: int =
         "mia_efficacy": MF.mia_efficacy(
             _mia_feature(p_retain, y_r, mia), feat_test, _mia_feature(p_forget, y_f, mia), seed),
     }
+    unseen = is_forget_class if split.classes is not None else keep  # class-matched non-members
+    mia_loss = MF.mia_loss_acc(MF.per_sample_loss(p_forget, y_f),
+                               MF.per_sample_loss(p_test[unseen], test_labels[unseen]), seed)
+    fs = MF.forget_score(mia_loss)
+    return {**scores, "mia_loss_acc": mia_loss, "forget_score": fs, "nomus": MF.nomus(scores["test_acc"], fs)}
 
 
 def stratified_subset(labels: Tensor, n: int, seed: int = 0) -> Tensor:
