@@ -1,0 +1,239 @@
+"""Mnemonic codes (METHODS.md §C mnemonic): code-mixed original in its own cache entry; one-shot
+θ ± α_l·η^l from the codes alone; data-free selection reads no split; exact training codes."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.optim.optimizer as optim_module
+from conftest import TINY, compose_config
+from torch import nn
+
+from mu_runner.cache import Cache
+from mu_runner.data.loaders import TensorLoader
+from mu_runner.errors import CheckpointError, ConfigError
+from mu_runner.methods.mnemonic import CODE_SALT, Mnemonic, make_codes
+from mu_runner.run import _recipe_spec, build, fit_supervised, load_data, new_net
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+class Forbidden:
+    """Stands in for the data while `edit` runs: any attribute read is recorded and refused."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def __getattr__(self, name):
+        self.log.append(name)
+        raise AttributeError(f"data.{name} read by a data-free method")
+
+
+def fit_mnemonic(tmp, cache, *overrides, forbid_data=False):
+    """Build and fit; record optimizer steps, backward passes, and the data `edit` reads."""
+    cfg = compose_config([*TINY, "method=mnemonic", "forget.k=2", "reference=none", f"paths.cache_dir={cache}",
+                          *overrides], tmp)
+    stage = build(cfg)  # may train (and cache) the code-mixed original: not counted below
+    rec = {"steps": [], "backward": 0, "loaders": [], "forbidden": []}
+    stage.module.net.body.fc.weight.register_hook(lambda g: rec.__setitem__("backward", rec["backward"] + 1))
+    real_edit, real_iter, inside = stage.module.edit, TensorLoader.__iter__, []
+
+    def edit():
+        inside.append(True)
+        data, stage.datamodule.data = stage.datamodule.data, (Forbidden(rec["forbidden"]) if forbid_data
+                                                              else stage.datamodule.data)
+        try:
+            real_edit()
+        finally:
+            stage.datamodule.data = data
+            inside.clear()
+
+    def iterate(loader):
+        if inside:
+            rec["loaders"].append(loader.indices.clone())
+        return real_iter(loader)
+
+    stage.module.edit = edit
+    handle = optim_module.register_optimizer_step_pre_hook(lambda opt, a, k: rec["steps"].append(type(opt)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TensorLoader, "__iter__", iterate)
+        try:
+            stage.fit()
+        finally:
+            handle.remove()
+    return stage, rec
+
+
+@pytest.fixture(scope="module")
+def mn(shared_cache, tmp_path_factory):
+    return fit_mnemonic(tmp_path_factory.mktemp("mnemonic"), shared_cache)
+
+
+@pytest.fixture(scope="module")
+def mn_codes(mn, shared_cache, tmp_path_factory):
+    return fit_mnemonic(tmp_path_factory.mktemp("codes"), shared_cache, "method.selection=codes", forbid_data=True)
+
+
+def test_mnemonic_takes_no_optimizer_step_and_one_backward_per_class(mn):
+    stage, rec = mn
+    assert rec["steps"] == [] and stage.trainer.global_step == 0
+    assert rec["backward"] == stage.data.num_classes == len(stage.split.classes) + 8  # |C_F| + |C_R|
+
+
+def test_each_perturbed_tensor_moves_by_one_global_sign_times_alpha_eta(mn):
+    stage, _ = mn
+    m = stage.module
+    before, after = dict(stage.original.named_parameters()), dict(m.net.named_parameters())
+    assert m.sign in (1, -1)
+    moved = 0
+    for n in m.perturbed:
+        a, b = after[n].detach().double(), before[n].detach().double()
+        expected = m.sign * m.alpha[n] * m.eta[n]
+        # float32 rounding of θ_o + s·α·η is the only slack: rtol 1e-6 plus one ulp of the weight
+        tol = 1e-6 * expected.abs() + EPS32 * torch.maximum(a.abs(), b.abs())
+        assert ((a - b) - expected).abs().le(tol).all(), n
+        assert m.alpha[n] == min(m.lambda1, m.lambda2 / float(m.eta[n].max())), n
+        moved += int(((a - b).abs() > tol).sum())  # so that the opposite sign would fail
+    assert moved > 0
+
+
+def test_only_conv_and_linear_weights_move_the_rest_is_bit_identical(mn):
+    stage, _ = mn
+    m = stage.module
+    expected = {f"{k}.weight" for k, mod in m.net.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    assert set(m.perturbed) == expected and "body.fc.weight" in expected
+    original = stage.original.state_dict()
+    for k, v in m.net.state_dict().items():  # BN affine, biases, running stats, normalisation
+        if k not in m.perturbed:
+            assert torch.equal(v, original[k]), k
+
+
+def test_no_weight_moves_more_than_lambda2_and_both_caps_bind(mn):
+    stage, _ = mn
+    m = stage.module
+    before, after = dict(stage.original.named_parameters()), dict(m.net.named_parameters())
+    for n in m.perturbed:  # up to float32 rounding of the updated weight
+        a, b = after[n].detach().double(), before[n].detach().double()
+        assert ((a - b).abs() <= m.lambda2 + EPS32 * torch.maximum(a.abs(), b.abs())).all(), n
+    caps = {a == m.lambda1 for a in m.alpha.values()}
+    assert caps == {True, False}  # some tensors capped by λ1, others by λ2 / max η
+
+
+def test_fisher_ratio_of_the_head_matches_brute_force_on_the_codes(mn):
+    stage, _ = mn
+    net, codes, forget = copy.deepcopy(stage.original).eval(), stage.module.codes, stage.split.classes
+    w = net.body.fc.weight
+    sq = [torch.autograd.grad(F.cross_entropy(net(codes[c][None]), torch.tensor([c])), w)[0].double() ** 2
+          for c in range(len(codes))]
+    f_f = torch.stack([sq[c] for c in forget]).mean(0)
+    f_r = torch.stack([sq[c] for c in range(len(codes)) if c not in forget]).mean(0)
+    torch.testing.assert_close(stage.module.eta["body.fc.weight"], f_f / (f_r + stage.module.eps), rtol=1e-6, atol=0)
+
+
+def test_selection_val_reads_only_20_validation_images_per_class(mn):
+    stage, rec = mn
+    assert len(rec["loaders"]) == 1 and not rec["forbidden"]
+    seen, val_labels = rec["loaders"][0], stage.data.labels.cpu()[stage.data.val]
+    assert torch.isin(seen, stage.data.val).all() and len(seen.unique()) == len(seen)
+    for c in range(stage.data.num_classes):
+        assert int((stage.data.labels.cpu()[seen] == c).sum()) == min(20, int((val_labels == c).sum())), c
+    assert stage.module.scores[stage.module.sign] >= stage.module.scores[-stage.module.sign]
+
+
+def test_selection_codes_touches_no_data_split_and_still_forgets(mn_codes):
+    stage, rec = mn_codes
+    assert rec["loaders"] == [] and rec["forbidden"] == []  # no loader iterated, no data attribute read
+    m, original = stage.module, dict(stage.original.named_parameters())
+    assert any(not torch.equal(p, original[n]) for n, p in m.net.named_parameters())
+    assert m.scores[m.sign] >= m.scores[-m.sign]
+    assert stage.evaluation.after["forget_acc"] <= stage.evaluation.before["forget_acc"] - 0.1
+
+
+@pytest.fixture(scope="module")
+def mixing(tmp_path_factory):
+    """The code-mixed recipe on 320 training images, 2 epochs, t_mix 0.2; every net input and CE target."""
+    cfg = compose_config([*TINY, "method=mnemonic", "method.t_mix=0.2"], tmp_path_factory.mktemp("mix"))
+    data, recipe, seen = load_data(cfg), Mnemonic.original_recipe(cfg.method), []
+    made = {}
+
+    def training(*args, **kwargs):
+        module = made["module"] = recipe.training(*args, **kwargs)
+        made["codes"] = module.codes.clone()
+        module.net.register_forward_pre_hook(lambda _, inp: seen.append([module.current_epoch, inp[0].clone()]))
+        return module
+
+    real_ce = F.cross_entropy
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "cross_entropy", lambda logits, y, *a, **k: (seen[-1].append(y.clone()), real_ce(logits, y, *a, **k))[1])
+        state = fit_supervised(cfg, data, data.pool[:320], new_net(cfg, data), type(recipe)(recipe.key, training))
+    return made, seen, state, data
+
+
+def test_training_replaces_samples_by_their_own_class_code_at_rate_t_mix(mixing):
+    made, seen, _, _ = mixing
+    codes = made["codes"].flatten(1)
+    n = replaced = 0
+    per_epoch = {0: 0, 1: 0}
+    for epoch, x, y in seen:
+        match = (x.flatten(1)[:, None, :] == codes[None]).all(2)  # (batch, K): input is exactly code c
+        assert (match.sum(1) <= 1).all()
+        rows = match.any(1)
+        assert torch.equal(match[rows].float().argmax(1), y[rows])  # each code carries its own label
+        n, replaced, per_epoch[epoch] = n + len(y), replaced + int(rows.sum()), per_epoch[epoch] + int(rows.sum())
+    assert n == 640
+    sigma = (n * 0.2 * 0.8) ** 0.5
+    assert abs(replaced - 0.2 * n) <= 4 * sigma
+    assert per_epoch[0] > 0 and per_epoch[1] > 0  # the same (un-augmented) codes in both epochs
+
+
+def test_codes_are_unchanged_by_training_and_stored_with_the_weights(mixing):
+    made, _, state, data = mixing
+    net = made["module"].net
+    regenerated = make_codes(data.num_classes, data.source.shape, net.mean, net.std, 0)
+    assert torch.equal(made["codes"], regenerated) and torch.equal(made["module"].codes, regenerated)
+    assert torch.equal(state["artifact.codes"], regenerated) and "artifact.codes_sha256" in state
+    xi = torch.randn(regenerated.shape, generator=torch.Generator().manual_seed(CODE_SALT))  # seed 0
+    torch.testing.assert_close((regenerated - net.mean) / net.std, xi)  # N(0, I) after the model's Normalize
+
+
+def test_mnemonic_original_has_its_own_cache_entry_and_a_second_run_hits_it(mn, shared_cache, tmp_path):
+    stage, _ = mn
+    cache, spec = Cache(shared_cache), {"kind": "original", **_recipe_spec(stage.cfg)}
+    recipe = Mnemonic.original_recipe(stage.cfg.method)
+    own = cache.path("original", {**spec, "method_recipe": recipe.key})
+    assert own != cache.path("original", spec) and own.exists()
+    other_t = Mnemonic.original_recipe(compose_config([*TINY, "method=mnemonic", "method.t_mix=0.2"], tmp_path).method)
+    assert cache.path("original", {**spec, "method_recipe": other_t.key}) != own
+    assert json.loads(own.with_suffix(".json").read_text())["method_recipe"] == recipe.key
+    again = build(compose_config([*TINY, "method=mnemonic", "forget.k=2", "reference=none",
+                                  f"paths.cache_dir={shared_cache}"], tmp_path))
+    assert again.cache_hits["original"] is True
+    assert torch.equal(again.module.codes, stage.module.codes)
+
+
+def test_unlearning_refuses_codes_other_than_the_training_codes(mn):
+    stage, _ = mn
+    tampered = copy.deepcopy(stage.original)
+    tampered.artifacts = {**tampered.artifacts, "codes": tampered.artifacts["codes"].clone()}
+    tampered.artifacts["codes"][0, 0, 0, 0] += 1e-3
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        Mnemonic(tampered)
+    with pytest.raises(ConfigError, match=r"method\.seed=1: does not generate the codes"):
+        Mnemonic(copy.deepcopy(stage.original), seed=1)
+    plain = copy.deepcopy(stage.original)
+    plain.artifacts = {}
+    with pytest.raises(ConfigError, match="carries no mnemonic codes"):
+        Mnemonic(plain)
+
+
+@pytest.mark.parametrize("key, value", [("selection", "data"), ("t_mix", "0"), ("lambda1", "-1"), ("lambda2", "0"), ("eps", "0")])
+def test_mnemonic_rejects_bad_hyperparameters_before_training(tiny, key, value):
+    cfg = tiny("method=mnemonic", f"method.{key}={value}")
+    with pytest.raises(ConfigError, match=rf"method\.{key}="):
+        build(cfg)
+    assert not any(Path(cfg.paths.cache_dir).rglob("*.safetensors"))
