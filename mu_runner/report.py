@@ -13,7 +13,9 @@ import statistics
 import sys
 from pathlib import Path
 
-COLUMNS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy", "avg_gap", "acc_gap", "unlearn_seconds")
+COLUMNS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy", "avg_gap", "acc_gap", "nomus",
+           "unlearn_seconds", "prep_seconds")
+SECONDS = ("unlearn_seconds", "prep_seconds")
 ACCURACIES = ("forget_acc", "retain_acc", "test_acc")
 
 
@@ -85,9 +87,9 @@ def markdown(rows: list[dict]) -> str:
             current = (data, backbone, scen)
             lines += ["", f"### {data} / {backbone} / {scen}", "",
                       "| method | seeds | forget acc % | retain acc % | test acc % | MIA-eff. % | avg gap % "
-                      "| acc gap % | unlearn s |",
-                      "|---|---|---|---|---|---|---|---|---|"]
-        cells = [_cell([r[k] for r in runs], pct=k != "unlearn_seconds") for k in COLUMNS]
+                      "| acc gap % | NoMUS % | unlearn s | prep s |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+        cells = [_cell([r[k] for r in runs], pct=k not in SECONDS) for k in COLUMNS]
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines).lstrip() + "\n"
 
