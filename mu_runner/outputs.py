@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from mu_runner.cache import atomic_write_bytes, atomic_write_json
 from mu_runner.metrics import functional as MF
-from mu_runner.metrics.suite import evaluate, feature_shift, stratified_subset
+from mu_runner.metrics.suite import evaluate, feature_shift, probe_forget_acc, shift_subsets, stratified_subset
 
 log = logging.getLogger("mu_runner")
 
@@ -36,6 +38,11 @@ def assemble(stage) -> dict:
     images = stage.data.test_images[idx.to(stage.data.test_images.device)]
     stages = [f"body.{s}" for s in net.stage_names]
     shift = feature_shift(stage.original.to(stage.data.device), net, stages, images)
+    analysis = analyse(stage, stages)
+    for scores, model in ((original, stage.original), (retrain, stage.reference)):
+        if scores is not None:
+            scores["probe_forget_acc"] = probe_forget_acc(model, stage.data, split.classes, cfg.seed,
+                                                          cfg.eval.get("probe_samples"))
     return {
         "method": _yaml_name(cfg),
         "method_config": OmegaConf.to_container(cfg.method, resolve=True),
@@ -59,8 +66,38 @@ def assemble(stage) -> dict:
         "layer_change": MF.grouped_change(before_w, after_w, net.stage_of),
         "layer_change_params": MF.relative_change(before_w, after_w),
         "feature_shift": {s.removeprefix("body."): v for s, v in shift.items()},
+        **analysis,
+        "head_only_forgetting": head_only(after, analysis["probe_forget_acc"], retrain),
         "cache_hits": stage.cache_hits,
     }
+
+
+def analyse(stage, stages: list[str]) -> dict:
+    """How the network changed (issue: the removed-classes study): total weight change, feature
+    shift on forget and on retain samples (and to the retrained model), the forget-class probe."""
+    cfg, split, net, data = stage.cfg, stage.split, stage.module.net, stage.data
+    before = {n: p.detach().cpu() for n, p in stage.original.named_parameters()}
+    after = {n: p.detach().cpu() for n, p in net.named_parameters()}
+    subsets = shift_subsets(data, split, int(cfg.eval.feature_samples), cfg.seed)
+    out = {"weight_change": MF.total_change(before, after)}
+    for name, images in subsets.items():
+        shift = feature_shift(stage.original, net, stages, images) if len(images) > 1 else {}
+        out[f"feature_shift_{name}"] = {s.removeprefix("body."): v for s, v in shift.items()} or None
+    to_retrain = None
+    if stage.reference is not None:
+        images = torch.cat(list(subsets.values()))
+        to_retrain = {s.removeprefix("body."): v for s, v in feature_shift(stage.reference, net, stages, images).items()}
+    out["feature_shift_to_retrain"] = to_retrain
+    out["probe_forget_acc"] = probe_forget_acc(net, data, split.classes, cfg.seed, cfg.eval.get("probe_samples"))
+    return out
+
+
+def head_only(after: dict, probe: float | None, retrain: dict | None) -> bool | None:
+    """Accuracy-level forgetting with intact features: forget_acc <= 0.1 (UA >= 0.9) while the probe
+    on penultimate features still beats the retrained model's by more than 0.10 (METHODS.md)."""
+    if probe is None or retrain is None or retrain.get("probe_forget_acc") is None:
+        return None
+    return bool(after["forget_acc"] <= 0.1 and probe > retrain["probe_forget_acc"] + 0.10)
 
 
 def write_outputs(stage, out: Path) -> dict:
@@ -76,12 +113,40 @@ def write_outputs(stage, out: Path) -> dict:
         run_plots(metrics, out)
         if hasattr(stage.module, "write_artifacts"):  # a method's own views (e.g. snu's Grad-CAM grid)
             stage.module.write_artifacts(out)
+        if stage.cfg.eval.get("embedding", "none") == "tsne":
+            write_embedding(stage, out)
     except Exception as err:  # a plot must never cost a finished run
         log.warning("plots skipped: %s", err)
+    _log_images(stage, out)
     _log_summary(stage, metrics)
     atomic_write_json(out / "metrics.json", metrics)  # last: its presence means finished
     print(summary_table(metrics))
     return metrics
+
+
+def write_embedding(stage, out: Path) -> Path:
+    """embedding.png: t-SNE of the original's and the unlearned model's penultimate features on the
+    same `eval.embedding_samples` stratified test images."""
+    from mu_runner.metrics.suite import penultimate_features
+    from mu_runner.plots import embedding_plot
+
+    cfg, data = stage.cfg, stage.data
+    labels = data.test_labels.cpu()
+    idx = stratified_subset(labels, int(cfg.eval.embedding_samples), cfg.seed)
+    images = data.test_images[idx.to(data.test_images.device)]
+    before = penultimate_features(stage.original, images)
+    after = penultimate_features(stage.module.net, images)
+    return embedding_plot(before.numpy(), after.numpy(), labels[idx].numpy(), stage.split.classes, out, cfg.seed,
+                          title=f"{_yaml_name(cfg)}, forget {stage.split.classes or f'{len(stage.split.forget)} samples'}")
+
+
+def _log_images(stage, out: Path) -> None:
+    """W&B: every PNG of the run directory as an image (other loggers have no image panel)."""
+    logger = stage.trainer.logger
+    if logger is None or type(logger).__name__ != "WandbLogger":
+        return
+    for png in sorted(out.glob("*.png")):
+        logger.log_image(key=f"plots/{png.stem}", images=[str(png)], step=stage.trainer.global_step)
 
 
 def _yaml_name(cfg) -> str:
@@ -98,7 +163,10 @@ def _log_summary(stage, metrics: dict) -> None:
     if logger is None:
         return
     scores = {f"retrain/{k}": v for k, v in (metrics["retrain"] or {}).items() if isinstance(v, float)}
-    scores.update({f"summary/{k}": metrics[k] for k in ("avg_gap", "unlearn_seconds") if metrics[k] is not None})
+    scores.update({f"summary/{k}": metrics[k] for k in ("avg_gap", "unlearn_seconds", "weight_change", "probe_forget_acc")
+                   if metrics[k] is not None})
+    for key in ("layer_change", "feature_shift", "feature_shift_forget", "feature_shift_retain"):
+        scores.update({f"{key}/{name}": v for name, v in (metrics[key] or {}).items()})
     logger.log_metrics(scores, step=stage.trainer.global_step)
     logger.save()  # the trainer has finished: flush (CSV writes only on save)
 

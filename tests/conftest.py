@@ -23,12 +23,20 @@ TINY = [
     "train.epochs=2",
     "train.batch_size=64",
     "eval.feature_samples=100",
+    "eval.embedding=none",        # t-SNE costs ~1 s a run; test_run turns it on where it checks embedding.png
+    "eval.embedding_samples=100",
     "save_model=false",
 ]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Parameters and buffers bit-identical."""
+    sb = b.state_dict()
+    return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
 
 
 def compose_config(overrides: list[str], tmp: Path):

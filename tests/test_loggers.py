@@ -28,7 +28,7 @@ def test_csv_logger_has_curves_and_final_scores(tiny):
 
 def test_wandb_runs_offline_and_keeps_the_metrics_locally(tiny, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg = tiny("logger=wandb")
+    cfg = tiny("logger=wandb", "eval.embedding=tsne")
     run(cfg)
     out = Path(cfg.paths.output_dir)
     assert list(out.glob("wandb/offline-run-*"))
@@ -37,6 +37,12 @@ def test_wandb_runs_offline_and_keeps_the_metrics_locally(tiny, monkeypatch):
     assert history["unlearned/forget_acc"][-1] == pytest.approx(m["forget_acc"])
     assert history["summary/avg_gap"][-1] == pytest.approx(m["avg_gap"])
     assert len(history["train/loss"]) >= 2
+    assert history["layer_change/fc"][-1] == pytest.approx(m["layer_change"]["fc"])  # the study's numbers
+    assert history["feature_shift_forget/layer4"][-1] == pytest.approx(m["feature_shift_forget"]["layer4"])
+    assert history["summary/weight_change"][-1] == pytest.approx(m["weight_change"])
+    for plot in ("summary", "embedding"):  # the run's PNGs, as W&B images stored with the run
+        assert history[f"plots/{plot}/count"] == [1]
+        assert len(list(out.glob(f"wandb/offline-run-*/files/media/images/plots/{plot}_*.png"))) == 1
 
 
 def test_tensorboard_logger_writes_event_files(tiny):

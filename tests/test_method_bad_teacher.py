@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import same_state, TINY, compose_config
 
 from mu_runner.data.datamodule import InMemoryData
 from mu_runner.errors import ConfigError
@@ -35,18 +35,14 @@ def fitted(shared_cache, tmp_path_factory):
     return stage, loaders
 
 
-def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sb = b.state_dict()
-    return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())  # parameters and buffers
-
 
 def test_both_teachers_are_bit_identical_after_unlearning(fitted):
     stage, _ = fitted
     module = stage.module
-    assert same(module.competent, stage.original)
-    assert same(module.incompetent, random_teacher(stage.original, module.bad_teacher_seed))  # deterministic
-    assert not same(module.incompetent, stage.original)
-    assert not same(module.incompetent, random_teacher(stage.original, module.bad_teacher_seed + 1))
+    assert same_state(module.competent, stage.original)
+    assert same_state(module.incompetent, random_teacher(stage.original, module.bad_teacher_seed))  # deterministic
+    assert not same_state(module.incompetent, stage.original)
+    assert not same_state(module.incompetent, random_teacher(stage.original, module.bad_teacher_seed + 1))
 
 
 def test_retain_subset_is_a_seeded_rho_fraction_of_the_retain_split(fitted):

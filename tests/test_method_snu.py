@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, compose_config
+from conftest import same_state, TINY, compose_config
 
 from mu_runner.data.datamodule import InMemoryData
 from mu_runner.errors import ConfigError
@@ -47,10 +47,6 @@ def fitted(shared_cache, tmp_path_factory):
     write_outputs(stage, Path(stage.cfg.paths.output_dir))
     return stage, loaders
 
-
-def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    sb = b.state_dict()
-    return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())  # parameters and buffers
 
 
 def test_every_noise_image_carries_its_own_class(fitted):

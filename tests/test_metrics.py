@@ -395,3 +395,67 @@ def test_evaluate_restores_model_mode(data, training):
     net = Oracle().train(training)
     evaluate(net, data, class_split(data.labels, data.pool, [1]))
     assert net.training == training
+
+
+# --------------------------------------------------------------------------- study metrics (CKA, probe)
+
+
+def test_cka_hand_computed_value():
+    """X = the 4 points (±1, 0), (0, ±1); Y = X's first column: ‖YᵀX‖² = 4, ‖XᵀX‖ = √8, ‖YᵀY‖ = 2."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    assert MF.linear_cka(x, x[:, :1]) == pytest.approx(1 / math.sqrt(2), abs=1e-12)
+
+
+def test_cka_of_independent_features_is_near_zero():
+    x, y = torch.randn(4000, 3, generator=_gen(7)), torch.randn(4000, 3, generator=_gen(8))
+    assert MF.linear_cka(x, y) < 0.01
+
+
+def test_total_change_is_the_norm_ratio_over_all_tensors():
+    before = {"a": torch.ones(3), "b": torch.zeros(4)}
+    after = {"a": torch.ones(3), "b": torch.full((4,), 0.5)}
+    assert MF.total_change(before, after) == pytest.approx(math.sqrt(4 * 0.25 / 3))
+    assert MF.total_change(before, before) == 0.0
+
+
+def test_probe_is_perfect_on_separable_features_and_chance_on_indistinguishable_ones():
+    centres = torch.eye(3) * 10
+    y = torch.arange(3).repeat(20)
+    x = centres[y] + 0.1 * torch.randn(60, 3, generator=_gen(2))
+    assert MF.linear_probe_accuracy(x[:30], y[:30], x[30:], y[30:]) == 1.0
+    # each test point appears twice, labelled 0 and 1: one prediction per point, so exactly half are right
+    pts = torch.randn(10, 3, generator=_gen(3))
+    x2, y2 = torch.cat([pts, pts]), torch.cat([torch.zeros(10), torch.ones(10)]).long()
+    assert MF.linear_probe_accuracy(x2, y2, x2, y2) == 0.5
+    assert MF.linear_probe_accuracy(x, y, x[:0], y[:0]) is None
+
+
+class OracleFeatures(Oracle):
+    def features(self, x):
+        return self(x)
+
+
+def test_probe_forget_acc_reads_the_forgotten_classes_on_a_held_out_half(data):
+    from mu_runner.metrics.suite import half_split, probe_forget_acc
+
+    fit, score = half_split(data.test_labels, seed=0)
+    assert len(set(fit.tolist()) & set(score.tolist())) == 0 and len(fit) + len(score) == len(data.test_labels)
+    for c in range(K):  # stratified: each class split in halves
+        n = int((data.test_labels == c).sum())
+        assert int((data.test_labels[fit] == c).sum()) == n // 2
+    assert probe_forget_acc(OracleFeatures(), data, [2], seed=0) == 1.0
+    assert probe_forget_acc(OracleFeatures(), data, None) is None  # sample forgetting: no forgotten class
+
+
+def test_shift_subsets_separate_forget_and_retain_images(data):
+    from mu_runner.metrics.suite import shift_subsets
+
+    split = class_split(data.labels, data.pool, [1])
+    sub = shift_subsets(data, split, n=100)
+    cls = {name: set((x[:, 0, 0, 0]).tolist()) for name, x in sub.items()}  # pixel [0,0,0] = class
+    assert cls == {"forget": {1}, "retain": {0, 2, 3}}
+    samples = ForgetSplit(data.pool[:4], data.pool[4:], None)
+    sub = shift_subsets(data, samples, n=100)
+    assert len(sub["forget"]) == len(sub["retain"]) == 4
+    assert torch.equal(sub["forget"], data.images[data.pool[:4]])  # sample forgetting: D_f itself
+    assert not any(torch.equal(r, f) for r in sub["retain"] for f in sub["forget"])

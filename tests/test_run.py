@@ -39,7 +39,7 @@ def count_training(monkeypatch):
 
 
 def test_run_writes_the_documented_run_directory(tiny, tmp_path):
-    cfg = tiny("save_model=true")
+    cfg = tiny("save_model=true", "eval.embedding=tsne")
     flat = R.run(cfg)
     out = Path(cfg.paths.output_dir)
     m = json.loads((out / "metrics.json").read_text())
@@ -57,6 +57,11 @@ def test_run_writes_the_documented_run_directory(tiny, tmp_path):
     split = json.loads((out / "forget_split.json").read_text())
     assert len(split["forget"]) == m["n_forget"] and split["classes"] == m["forget_classes"]
     assert (out / "summary.png").stat().st_size > 1000
+    stages = {"layer1", "layer2", "layer3", "layer4"}
+    for key in ("feature_shift_forget", "feature_shift_retain", "feature_shift_to_retrain"):
+        assert set(m[key]) == stages and all(0.0 <= v <= 1.0 + 1e-9 for v in m[key].values())
+    assert 0.0 < m["weight_change"] < 1.0 and all(0.0 <= o["probe_forget_acc"] <= 1.0 for o in (m, m["original"], m["retrain"]))
+    assert (out / "embedding.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_saved_model_reloads_to_the_same_predictions(tiny):
@@ -152,6 +157,10 @@ def test_original_method_is_bit_identical_with_no_optimizer_step(tiny, monkeypat
     m = R.write_outputs(stage, Path(stage.cfg.paths.output_dir))
     assert all(v == 0.0 for v in m["layer_change"].values())
     assert all(abs(v) < 1e-9 for v in m["feature_shift"].values())
+    assert m["weight_change"] == 0.0
+    assert all(abs(v) < 1e-9 for key in ("feature_shift_forget", "feature_shift_retain") for v in m[key].values())
+    assert m["probe_forget_acc"] == m["original"]["probe_forget_acc"]  # the same features, the same probe
+    assert m["head_only_forgetting"] is False  # nothing was forgotten
     assert scores(m["original"]) == {k: m[k] for k in m["original"] if k != "avg_gap" and "seconds" not in k} | {"avg_gap": m["original"]["avg_gap"]}
 
 

@@ -134,3 +134,26 @@ def nomus(test_acc: float | None, fs: float | None) -> float | None:
     if test_acc is None or fs is None:
         return None
     return 0.5 * (float(test_acc) + 1.0 - 2.0 * float(fs))
+
+
+def total_change(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> float:
+    """The whole network's relative weight change, sqrt(Σ‖ΔW‖² / Σ‖W_o‖²) over every tensor."""
+    return grouped_change(before, after, lambda _name: "all")["all"]
+
+
+def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor) -> float | None:
+    """Accuracy on (test_x, test_y) of a multinomial logistic regression fit on (train_x, train_y).
+
+    Features are standardised with the training half's statistics; lbfgs, C = 1, max_iter 2000
+    (METHODS.md probe_forget_acc). None with no test sample; a single training class predicts it.
+    """
+    if len(test_y) == 0:
+        return None
+    x, xt = train_x.double().numpy(), test_x.double().numpy()
+    y, yt = train_y.numpy(), test_y.numpy()
+    if len(np.unique(y)) < 2:
+        return float((yt == y[0]).mean())
+    mean, std = x.mean(0), x.std(0) + 1e-12
+    clf = LogisticRegression(C=1.0, max_iter=2000)  # lbfgs, multinomial for more than two classes
+    clf.fit((x - mean) / std, y)
+    return float((clf.predict((xt - mean) / std) == yt).mean())
