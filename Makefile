@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint clean results report
+.PHONY: setup run test lint clean results report study
 setup: $(STAMP)
 
 # constraints.txt pins torch 2.14.1 + torchvision 0.29.1 (local files) and everything else,
@@ -27,6 +27,13 @@ results: setup
 	$(PY) -m mu_runner -m experiment=method_table hydra.sweep.dir=$(RESULTS_DIR)
 	$(PY) -m mu_runner.report $(RESULTS_DIR) --md docs/results_digits.md \
 		--title "Methods on digits (ResNet-18, make results)"
+
+# The removed-classes study on digits (random_label, weight_reset; k = 1..5; 3 seeds) -> docs/study_digits.md
+STUDY_DIR ?= outputs/multiruns/forget_scaling
+study: setup
+	$(PY) -m mu_runner experiment=forget_scaling hydra.sweep.dir=$(STUDY_DIR) $(ARGS)
+	$(PY) -m mu_runner.report $(STUDY_DIR) --md docs/study_digits.md \
+		--title "The removed-classes study on digits (ResNet-18, make study)"
 
 # A table and plots from any sweep directory: make report DIR=outputs/multiruns/<time>
 report: setup

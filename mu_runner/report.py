@@ -1,7 +1,11 @@
-"""python -m mu_runner.report DIR [--md FILE]: one table from every metrics.json under a sweep.
+"""python -m mu_runner.report DIR [--md FILE] [--wandb]: tables, a study and plots from a sweep.
 
 Runs are grouped by what was swept other than the seed (method, data, backbone, forget scenario);
 each cell is mean ± std over seeds. Writes DIR/summary.csv (one row per run) and DIR/report.md.
+Where a method was run at several numbers of forgotten classes k (experiment=forget_scaling), the
+report adds the removed-classes study (`mu_runner.study`): per method and k, network change, feature
+shift, probe and accuracies with their gap to retrain, Spearman's rho of change against k, where the
+change concentrates, and PNG plots. `--wandb` uploads the table and plots as one W&B run.
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ def load_runs(root: str | Path) -> list[dict]:
                "backbone": m["backbone"], "scenario": scenario(m), "seed": m["seed"]}
         row.update({k: m.get(k) for k in (*COLUMNS, "test_forget_acc")})
         row["acc_gap"] = acc_gap(m)
+        row["k"] = len(m["forget_classes"]) if m.get("forget_classes") is not None else None
+        row.update({k: m.get(k) for k in ("weight_change", "probe_forget_acc", "head_only_forgetting")})
+        for key in ("layer_change", "feature_shift", "feature_shift_forget", "feature_shift_retain"):
+            for name, v in (m.get(key) or {}).items():
+                row[f"{key}/{name}"] = v
         for ref in ("original", "retrain"):
             for k, v in (m.get(ref) or {}).items():
                 row[f"{ref}/{k}"] = v
@@ -94,6 +103,19 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines).lstrip() + "\n"
 
 
+def failures(root: Path) -> str:
+    """Jobs that ended with a user error (error.txt, no metrics.json), one line per distinct message."""
+    errors: dict[str, list[str]] = {}
+    for path in sorted(Path(root).rglob("error.txt")):
+        if not (path.parent / "metrics.json").exists():
+            errors.setdefault(path.read_text().strip().splitlines()[0], []).append(path.parent.name)
+    if not errors:
+        return ""
+    lines = ["", f"{sum(map(len, errors.values()))} jobs ended with an error (no metrics.json):", ""]
+    lines += [f"- {len(jobs)} × `{message}`" for message, jobs in errors.items()]
+    return "\n".join(lines) + "\n"
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with path.open("w", newline="") as f:
@@ -107,17 +129,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", type=Path, help="a sweep directory (searched recursively)")
     parser.add_argument("--md", type=Path, help="also write the markdown table here")
     parser.add_argument("--title", default="Results", help="heading of the markdown report")
+    parser.add_argument("--wandb", action="store_true",
+                        help="upload summary table and plots as one W&B run (offline unless WANDB_MODE=online)")
     args = parser.parse_args(argv)
     rows = load_runs(args.dir)
     if not rows:
         print(f"mu_runner.report: error: no metrics.json under {args.dir}", file=sys.stderr)
         return 2
     write_csv(rows, args.dir / "summary.csv")
-    text = f"# {args.title}\n\n{len(rows)} runs from `{args.dir}`; mean ± std over seeds.\n\n" + markdown(rows)
+    head = f"# {args.title}\n\n{len(rows)} runs from `{args.dir}`; mean ± std over seeds.\n\n" + markdown(rows)
+    head += failures(args.dir)
+    from mu_runner import study
+    plots = study.plots(rows, args.dir) if study.scaling_groups(rows) else []
+    text = head + (("\n" + study.markdown(rows, [p.name for p in plots])) if plots else "")
     (args.dir / "report.md").write_text(text)
-    if args.md:
+    if args.md:  # the images go to a folder named after the markdown file, next to it
         args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(text)
+        folder = args.md.with_suffix("")
+        if plots:
+            folder.mkdir(exist_ok=True)
+            for png in plots:
+                (folder / png.name).write_bytes(png.read_bytes())
+        args.md.write_text(head + (("\n" + study.markdown(rows, [f"{folder.name}/{p.name}" for p in plots]))
+                                   if plots else ""))
+    if args.wandb:
+        study.upload(rows, args.dir, plots, args.title)
     print(text)
     return 0
 

@@ -61,3 +61,14 @@ def test_acc_gap_is_avg_gap_without_the_mia_term():
          "retrain": {"forget_acc": 0.0, "retain_acc": 0.95, "test_acc": 0.8, "mia_efficacy": 1.0}}
     assert acc_gap(m) == pytest.approx((0.1 + 0.05 + 0.0) / 3)
     assert acc_gap({**m, "retrain": None}) is None  # no reference, no gap
+
+
+def test_report_lists_jobs_that_ended_with_an_error(tmp_path):
+    _write(tmp_path, "a", "salun", 0, 0.1, 0.02)
+    for name in ("b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "error.txt").write_text("ConfigError: forget=random: method Mnemonic handles forget=classes only\n")
+    assert main([str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "2 jobs ended with an error (no metrics.json):" in text
+    assert "- 2 × `ConfigError: forget=random: method Mnemonic handles forget=classes only`" in text
