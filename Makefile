@@ -28,7 +28,7 @@ results: setup
 	$(PY) -m mu_runner.report $(RESULTS_DIR) --md docs/results_digits.md \
 		--title "Methods on digits (ResNet-18, make results)"
 
-# The removed-classes study on digits (random_label, weight_reset; k = 1..5; 3 seeds) -> docs/study_digits.md
+# The removed-classes study on digits (random_label, weight_reset; k = 1..5; 2 seeds) -> docs/study_digits.md
 STUDY_DIR ?= outputs/multiruns/forget_scaling
 study: setup
 	$(PY) -m mu_runner experiment=forget_scaling hydra.sweep.dir=$(STUDY_DIR) $(ARGS)

@@ -123,7 +123,10 @@ def markdown(rows: list[dict], images: list[str]) -> str:
         small = by_k(runs)[min(by_k(runs))]
         shift_small = max((v for r in small for c, v in r.items()
                            if c.startswith("feature_shift_retain/") and v is not None), default=None)
+        per_stage = ", ".join(f"{st} {trend(runs, lambda r, st=st: r.get(f'layer_change/{st}'))[0]:+.2f}"
+                              for st in stages(runs))
         lines += ["", f"- {verdict(*trend(runs, lambda r: r.get('weight_change')), 'Weight change')}.",
+                  f"- Per stage, rho(k, change): {per_stage}.",
                   f"- {verdict(*trend(runs, lambda r: mean_shift(r, 'feature_shift_retain')), 'Feature shift on retained classes')}.",
                   f"- {verdict(*trend(runs, lambda r: mean_shift(r, 'feature_shift_forget')), 'Feature shift on forgotten classes')}.",
                   f"- Where: the largest relative change is in {top}; the smallest in {low[0]} ({100 * low[1]:.2f} %). "
