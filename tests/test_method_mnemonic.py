@@ -231,7 +231,21 @@ def test_unlearning_refuses_codes_other_than_the_training_codes(mn):
         Mnemonic(plain)
 
 
-@pytest.mark.parametrize("key, value", [("selection", "data"), ("t_mix", "0"), ("lambda1", "-1"), ("lambda2", "0"), ("eps", "0")])
+def test_lambda2_grid_takes_the_smallest_step_that_forgets_the_selection_set(mn):
+    m = mn[0].module
+    tried = sorted({c[0] for c in m.candidates})
+    assert tried == m.grid[: len(tried)] and m.lambda2 == tried[-1]  # ascending, stopped at the chosen one
+    for c in m.candidates:  # score = retain accuracy + forget error, forget accuracy
+        assert 0 <= c[2] <= 2 and 0 <= c[3] <= 1
+    for lam in tried[:-1]:  # every smaller step left the forget classes above the tolerance
+        assert min(c[3] for c in m.candidates if c[0] == lam) > m.forget_tolerance
+    chosen = [c for c in m.candidates if c[0] == m.lambda2]
+    assert min(c[3] for c in chosen) <= m.forget_tolerance or m.lambda2 == m.grid[-1]
+    assert m.scores == {c[1]: c[2] for c in chosen} and m.scores[m.sign] == max(m.scores.values())
+
+
+@pytest.mark.parametrize("key, value", [("selection", "data"), ("t_mix", "0"), ("lambda1", "-1"), ("lambda2", "0"), ("eps", "0"),
+                                        ("lambda2_grid", "[]"), ("lambda2_grid", "[0.2,-1]"), ("forget_tolerance", "1")])
 def test_mnemonic_rejects_bad_hyperparameters_before_training(tiny, key, value):
     cfg = tiny("method=mnemonic", f"method.{key}={value}")
     with pytest.raises(ConfigError, match=rf"method\.{key}="):
