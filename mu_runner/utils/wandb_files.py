@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,15 +39,34 @@ def records(path: str | Path) -> Iterator[bytes]:
             pending = b""
 
 
-def offline_history(run_dir: str | Path) -> dict[str, list]:
-    """{metric key: [values in logging order]} from every offline run under `run_dir`."""
+def _parsed(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
+    out = []
+    for payload in records(path):
+        record = wandb_internal_pb2.Record()
+        try:
+            record.ParseFromString(payload)
+        except Exception:  # the service is still writing this record: read again later
+            break
+        out.append(record)
+    return out
+
+
+def offline_history(run_dir: str | Path, timeout: float = 30.0) -> dict[str, list]:
+    """{metric key: [values in logging order]} from every offline run under `run_dir`.
+
+    W&B's service writes the file after `finish()` returns, so each file is read again (up to
+    `timeout` seconds) until it ends with its run's exit record.
+    """
     found: dict[str, list] = {}
     for path in sorted(Path(run_dir).rglob("offline-run-*/*.wandb")):
-        for payload in records(path):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(payload)
+        deadline = time.monotonic() + timeout
+        parsed = _parsed(path)
+        while not any(r.WhichOneof("record_type") == "exit" for r in parsed) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            parsed = _parsed(path)
+        for record in parsed:
             if record.WhichOneof("record_type") == "history":
                 for item in record.history.item:
                     key = item.key or "/".join(item.nested_key)
