@@ -39,6 +39,27 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
 
 
+def fit_recording_loaders(overrides: list[str], tmp: Path):
+    """Build a tiny stage from TINY + `overrides` and fit it; returns (stage, the index set of every
+    loader the unlearning built) — the original's training (a cache miss) is not recorded."""
+    from mu_runner.data.datamodule import InMemoryData
+    from mu_runner.run import build
+
+    loaders = []
+    real_loader = InMemoryData.loader
+
+    def spy_loader(self, indices, *args, **kwargs):
+        loaders.append(indices.clone())
+        return real_loader(self, indices, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(InMemoryData, "loader", spy_loader)
+        stage = build(compose_config([*TINY, *overrides], tmp))
+        loaders.clear()
+        stage.fit()
+    return stage, loaders
+
+
 def compose_config(overrides: list[str], tmp: Path):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

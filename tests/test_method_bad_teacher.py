@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import same_state, TINY, compose_config
+from conftest import fit_recording_loaders, same_state
 
-from mu_runner.data.datamodule import InMemoryData
 from mu_runner.errors import ConfigError
 from mu_runner.methods.bad_teacher import random_teacher
-from mu_runner.run import build, make_method
+from mu_runner.run import make_method
 
 RHO = 0.3
 
@@ -17,22 +16,10 @@ RHO = 0.3
 @pytest.fixture(scope="module")
 def fitted(shared_cache, tmp_path_factory):
     """One epoch on the tiny model; the index sets of every loader the stage built."""
-    loaders = []
-    real_loader = InMemoryData.loader
-
-    def spy_loader(self, indices, *args, **kwargs):
-        loaders.append(indices.clone())
-        return real_loader(self, indices, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(InMemoryData, "loader", spy_loader)
-        stage = build(compose_config([*TINY, "method=bad_teacher", "method.epochs=1", f"method.retain_fraction={RHO}",
-                                      "method.forget_batch_size=32", "method.batch_size=96", "method.optimizer.lr=1e-3",
-                                      "reference=none", "callbacks.eval_every_n_epochs=0",
-                                      f"paths.cache_dir={shared_cache}"], tmp_path_factory.mktemp("bad_teacher")))
-        loaders.clear()  # the original's training (cache miss) also builds loaders
-        stage.fit()
-    return stage, loaders
+    return fit_recording_loaders(["method=bad_teacher", "method.epochs=1", f"method.retain_fraction={RHO}",
+                                  "method.forget_batch_size=32", "method.batch_size=96", "method.optimizer.lr=1e-3",
+                                  "reference=none", "callbacks.eval_every_n_epochs=0",
+                                  f"paths.cache_dir={shared_cache}"], tmp_path_factory.mktemp("bad_teacher"))
 
 
 

@@ -9,35 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import same_state, TINY, compose_config
+from conftest import fit_recording_loaders, same_state
 
-from mu_runner.data.datamodule import InMemoryData
 from mu_runner.errors import ConfigError
 from mu_runner.methods.snu import error_maximising_noise, gradcam
 from mu_runner.outputs import write_outputs
-from mu_runner.run import build, make_method
+from mu_runner.run import make_method
 
 B, COPIES, N_R = 8, 3, 20
 
 
 def fit(shared_cache, tmp, *overrides):
     """Build and fit a tiny snu stage; also returns the index sets of every loader it built."""
-    loaders = []
-    real_loader = InMemoryData.loader
-
-    def spy_loader(self, indices, *args, **kwargs):
-        loaders.append(indices.clone())
-        return real_loader(self, indices, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(InMemoryData, "loader", spy_loader)
-        stage = build(compose_config([*TINY, "method=snu", f"method.noise_batch={B}", f"method.copies={COPIES}",
-                                      "method.noise_steps=5", "method.batch_size=64", "method.optimizer.lr=1e-3",
-                                      "method.repair_lr=5e-4", "reference=none", "callbacks.eval_every_n_epochs=0",
-                                      f"paths.cache_dir={shared_cache}", *overrides], tmp))
-        loaders.clear()  # the original's training (cache miss) also builds loaders
-        stage.fit()
-    return stage, loaders
+    return fit_recording_loaders(["method=snu", f"method.noise_batch={B}", f"method.copies={COPIES}",
+                                  "method.noise_steps=5", "method.batch_size=64", "method.optimizer.lr=1e-3",
+                                  "method.repair_lr=5e-4", "reference=none", "callbacks.eval_every_n_epochs=0",
+                                  f"paths.cache_dir={shared_cache}", *overrides], tmp)
 
 
 @pytest.fixture(scope="module")
