@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import torch
-
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
@@ -38,7 +37,7 @@ def assemble(stage) -> dict:
     images = stage.data.test_images[idx.to(stage.data.test_images.device)]
     stages = [f"body.{s}" for s in net.stage_names]
     shift = feature_shift(stage.original.to(stage.data.device), net, stages, images)
-    analysis = analyse(stage, stages)
+    analysis = analyse(stage, stages, before_w, after_w)
     for scores, model in ((original, stage.original), (retrain, stage.reference)):
         if scores is not None:
             scores["probe_forget_acc"] = probe_forget_acc(model, stage.data, split.classes, cfg.seed,
@@ -72,12 +71,10 @@ def assemble(stage) -> dict:
     }
 
 
-def analyse(stage, stages: list[str]) -> dict:
+def analyse(stage, stages: list[str], before: dict, after: dict) -> dict:
     """How the network changed (issue: the removed-classes study): total weight change, feature
     shift on forget and on retain samples (and to the retrained model), the forget-class probe."""
     cfg, split, net, data = stage.cfg, stage.split, stage.module.net, stage.data
-    before = {n: p.detach().cpu() for n, p in stage.original.named_parameters()}
-    after = {n: p.detach().cpu() for n, p in net.named_parameters()}
     subsets = shift_subsets(data, split, int(cfg.eval.feature_samples), cfg.seed)
     out = {"weight_change": MF.total_change(before, after)}
     for name, images in subsets.items():

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 from pathlib import Path
+
+from mu_runner.report import mean_std
 
 STAGE_KEYS = ("layer_change", "feature_shift_retain", "feature_shift_forget")
 ACCS = ("forget_acc", "retain_acc", "test_acc")
@@ -43,13 +44,13 @@ def spearman(x: list[float], y: list[float]) -> tuple[float, float]:
 
 
 def _mean(values) -> float | None:
-    vals = [float(v) for v in values if v is not None]
-    return statistics.fmean(vals) if vals else None
+    ms = mean_std(list(values))
+    return None if ms is None else ms[0]
 
 
 def _std(values) -> float:
-    vals = [float(v) for v in values if v is not None]
-    return statistics.stdev(vals) if len(vals) > 1 else 0.0
+    ms = mean_std(list(values))
+    return 0.0 if ms is None else ms[1]
 
 
 def by_k(runs: list[dict]) -> dict[int, list[dict]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,20 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """Parameters and buffers bit-identical."""
     sb = b.state_dict()
     return all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
+
+
+@contextmanager
+def optimizer_steps():
+    """The optimizer type of every step taken inside the block (a global pre-hook: it also sees
+    optimizers whose subclass overrides `step`)."""
+    import torch.optim.optimizer as optim_module
+
+    steps: list[type] = []
+    handle = optim_module.register_optimizer_step_pre_hook(lambda opt, args, kwargs: steps.append(type(opt)))
+    try:
+        yield steps
+    finally:
+        handle.remove()
 
 
 def fit_recording_loaders(overrides: list[str], tmp: Path):

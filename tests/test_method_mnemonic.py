@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.optim.optimizer as optim_module
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, optimizer_steps
 from torch import nn
 
 from mu_runner.cache import Cache
@@ -39,7 +38,7 @@ def fit_mnemonic(tmp, cache, *overrides, forbid_data=False):
     cfg = compose_config([*TINY, "method=mnemonic", "forget.k=2", "reference=none", f"paths.cache_dir={cache}",
                           *overrides], tmp)
     stage = build(cfg)  # may train (and cache) the code-mixed original: not counted below
-    rec = {"steps": [], "backward": 0, "loaders": [], "forbidden": []}
+    rec = {"backward": 0, "loaders": [], "forbidden": []}
     stage.module.net.body.fc.weight.register_hook(lambda g: rec.__setitem__("backward", rec["backward"] + 1))
     real_edit, real_iter, inside = stage.module.edit, TensorLoader.__iter__, []
 
@@ -59,13 +58,9 @@ def fit_mnemonic(tmp, cache, *overrides, forbid_data=False):
         return real_iter(loader)
 
     stage.module.edit = edit
-    handle = optim_module.register_optimizer_step_pre_hook(lambda opt, a, k: rec["steps"].append(type(opt)))
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, optimizer_steps() as rec["steps"]:
         mp.setattr(TensorLoader, "__iter__", iterate)
-        try:
-            stage.fit()
-        finally:
-            handle.remove()
+        stage.fit()
     return stage, rec
 
 

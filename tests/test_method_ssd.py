@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import torch.optim.optimizer as optim_module
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, optimizer_steps
 
 from mu_runner.errors import ConfigError
 from mu_runner.run import build
@@ -16,12 +15,8 @@ def fit_ssd(tmp, cache, *overrides):
     cfg = compose_config([*TINY, "method=ssd", "forget.k=2", "reference=none", f"paths.cache_dir={cache}",
                           *overrides], tmp)
     stage = build(cfg)  # may train (and cache) the original: not counted below
-    steps = []
-    handle = optim_module.register_optimizer_step_pre_hook(lambda opt, args, kwargs: steps.append(type(opt)))
-    try:  # a global pre-hook sees every optimizer, also subclasses that override `step`
+    with optimizer_steps() as steps:
         stage.fit()
-    finally:
-        handle.remove()
     return stage, steps
 
 

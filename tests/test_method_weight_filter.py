@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.optim.optimizer as optim_module
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, optimizer_steps
 
 from mu_runner.data.datamodule import StageData
 from mu_runner.data.loaders import TensorLoader
@@ -43,21 +42,17 @@ def wf(shared_cache, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(wf):
     """The first stage fitted, with every optimizer step and every batch a loader served meanwhile."""
-    stage, steps, served = wf[0][0], [], []
+    stage, served = wf[0][0], []
     iterate = TensorLoader.__iter__
 
     def spy(self):
         for batch in iterate(self):
             served.append(batch)
             yield batch
-    handle = optim_module.register_optimizer_step_pre_hook(lambda opt, args, kwargs: steps.append(opt))
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, optimizer_steps() as steps:
         mp.setattr(TensorLoader, "__iter__", spy)
         mp.setattr(StageData, "batches", lambda self, *a, **k: served.append(("batches", a)) or [])
-        try:
-            stage.fit()
-        finally:
-            handle.remove()
+        stage.fit()
     return stage, steps, served
 
 

@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-import torch.optim.optimizer as optim_module
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, optimizer_steps
 from torch import nn
 
 from mu_runner.errors import ConfigError
@@ -19,12 +18,8 @@ def fit(tmp, cache, *overrides):
     cfg = compose_config([*TINY, "method=weight_reset", "method.epochs=1", "forget.k=2", "reference=none",
                           f"paths.cache_dir={cache}", *overrides], tmp)
     stage = build(cfg)
-    steps = []
-    handle = optim_module.register_optimizer_step_pre_hook(lambda opt, args, kwargs: steps.append(1))
-    try:
+    with optimizer_steps() as steps:
         stage.fit()
-    finally:
-        handle.remove()
     return stage, len(steps)
 
 
