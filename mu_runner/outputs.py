@@ -45,6 +45,7 @@ def assemble(stage) -> dict:
     return {
         "method": _yaml_name(cfg),
         "method_config": OmegaConf.to_container(cfg.method, resolve=True),
+        "method_choices": stage.module.choices(),  # e.g. the step a grid walk took
         "data": cfg.data.name,
         "backbone": cfg.backbone.name,
         "seed": int(cfg.seed),

@@ -16,6 +16,7 @@ from torch import nn
 from mu_runner.cache import Cache
 from mu_runner.data.loaders import TensorLoader
 from mu_runner.errors import CheckpointError, ConfigError
+from mu_runner.methods.functional import Candidate, walk_grid
 from mu_runner.methods.mnemonic import CODE_SALT, Mnemonic, make_codes
 from mu_runner.run import _recipe_spec, build, fit_supervised, load_data, new_net
 
@@ -226,21 +227,61 @@ def test_unlearning_refuses_codes_other_than_the_training_codes(mn):
         Mnemonic(plain)
 
 
-def test_lambda2_grid_takes_the_smallest_step_that_forgets_the_selection_set(mn):
+def test_lambda2_grid_walks_up_from_the_first_step_that_forgets_while_retain_holds(mn):
     m = mn[0].module
     tried = sorted({c[0] for c in m.candidates})
-    assert tried == m.grid[: len(tried)] and m.lambda2 == tried[-1]  # ascending, stopped at the chosen one
-    for c in m.candidates:  # score = retain accuracy + forget error, forget accuracy
-        assert 0 <= c[2] <= 2 and 0 <= c[3] <= 1
-    for lam in tried[:-1]:  # every smaller step left the forget classes above the tolerance
-        assert min(c[3] for c in m.candidates if c[0] == lam) > m.forget_tolerance
-    chosen = [c for c in m.candidates if c[0] == m.lambda2]
-    assert min(c[3] for c in chosen) <= m.forget_tolerance or m.lambda2 == m.grid[-1]
-    assert m.scores == {c[1]: c[2] for c in chosen} and m.scores[m.sign] == max(m.scores.values())
+    assert tried == m.grid[: len(tried)]  # ascending, no step skipped
+    for c in m.candidates:  # score = retain accuracy + forget error
+        assert 0 <= c.forget_acc <= 1 and 0 <= c.retain_acc <= 1 and c.score == pytest.approx(c.retain_acc + 1 - c.forget_acc)
+    best = {lam: max((c for c in m.candidates if c.value == lam), key=lambda c: c.score) for lam in tried}
+    for c in m.candidates:
+        assert c.forgets == (c.forget_acc <= m.forget_tolerance)
+    forgets = [lam for lam in tried if best[lam].forgets]
+    if not forgets:  # nothing forgets: every step was tried and the best-scoring one is taken
+        assert tried == m.grid and best[m.lambda2].score == max(c.score for c in m.candidates)
+    else:
+        first = forgets[0]
+        assert m.lambda2 >= first and best[m.lambda2].forgets
+        for lam in tried:
+            if first < lam <= m.lambda2:  # each step beyond the first still forgets at no retain cost
+                assert best[lam].retain_acc >= m.base_retain - m.retain_tolerance
+        after = [lam for lam in tried if lam > m.lambda2]
+        assert len(after) <= 1  # stopped at the first step that fails
+        if after:
+            c = best[after[0]]
+            assert not c.forgets or c.retain_acc < m.base_retain - m.retain_tolerance
+        else:
+            assert m.lambda2 == m.grid[-1]
+    assert m.scores == {c.variant: c.score for c in m.candidates if c.value == m.lambda2}
+    assert m.scores[m.sign] == max(m.scores.values())
+
+
+def test_grid_walk_on_known_accuracies():
+    """functional.walk_grid on scripted (retain, forget) accuracies, base retain 0.9, tolerance 1 point."""
+    def walk(table, budget=1.0):
+        grid = [0.2, 0.4, 0.8, 1.6]
+        accs = dict(zip(grid, table))
+
+        def try_value(v):
+            r, f = accs[v]
+            return [Candidate(v, s, r + 1 - f, f, r, f <= 0.01) for s in (1, -1)]
+        tried, chosen = walk_grid(grid, try_value, 0.9, 0.01, budget)
+        assert chosen.variant == 1  # equal scores: the first variant kept
+        return chosen.value, sorted({c.value for c in tried})
+
+    assert walk([(0.9, 0.5), (0.9, 0.0), (0.895, 0.0), (0.85, 0.0)]) == (0.8, [0.2, 0.4, 0.8, 1.6])  # 1.6 costs 5
+    assert walk([(0.9, 0.0), (0.85, 0.0), (0.9, 0.0), (0.9, 0.0)]) == (0.2, [0.2, 0.4])  # stops at the first cost
+    assert walk([(0.8, 0.0), (0.8, 0.0), (0.9, 0.0), (0.9, 0.0)]) == (0.2, [0.2, 0.4])  # first forgets at a cost
+    assert walk([(0.9, 0.5), (0.9, 0.3), (0.9, 0.2), (0.8, 0.1)]) == (0.8, [0.2, 0.4, 0.8, 1.6])  # none: best score
+    assert walk([(0.9, 0.5), (0.9, 0.0), (0.9, 0.3), (0.9, 0.0)]) == (0.4, [0.2, 0.4, 0.8])  # 0.8 stops forgetting
+    # a budget: the first step that forgets costs 40 points > 5, so the walk stops there and keeps the best score
+    assert walk([(0.9, 0.5), (0.88, 0.2), (0.5, 0.0), (0.9, 0.0)], budget=0.05) == (0.4, [0.2, 0.4, 0.8])
+    assert walk([(0.9, 0.5), (0.88, 0.2), (0.5, 0.0), (0.9, 0.0)]) == (1.6, [0.2, 0.4, 0.8, 1.6])  # no budget
 
 
 @pytest.mark.parametrize("key, value", [("selection", "data"), ("t_mix", "0"), ("lambda1", "-1"), ("lambda2", "0"), ("eps", "0"),
-                                        ("lambda2_grid", "[]"), ("lambda2_grid", "[0.2,-1]"), ("forget_tolerance", "1")])
+                                        ("lambda2_grid", "[]"), ("lambda2_grid", "[0.2,-1]"), ("forget_tolerance", "1"),
+                                        ("retain_tolerance", "-0.1")])
 def test_mnemonic_rejects_bad_hyperparameters_before_training(tiny, key, value):
     cfg = tiny("method=mnemonic", f"method.{key}={value}")
     with pytest.raises(ConfigError, match=rf"method\.{key}="):

@@ -50,9 +50,9 @@ def test_ssd_only_shrinks_selected_weights_keeping_their_sign(ssd):
         assert torch.equal(dict(stage.module.net.named_buffers())[k], v), k
 
 
-def test_ssd_uses_squared_batch_mean_gradients_of_train_and_forget(ssd):
-    """Brute force for the classifier bias: I = mean over batches of (∂CE_batch/∂b)², the rule on it."""
-    stage, _ = ssd
+def test_ssd_uses_squared_batch_mean_gradients_of_train_and_forget(shared_cache, tmp_path):
+    """Brute force for the classifier bias: I = mean over batches of (∂CE_batch/∂b)², the rule on it (α 10)."""
+    stage, _ = fit_ssd(tmp_path, shared_cache, "method.alpha_grid=null")
     net = stage.original.eval()
     bias = net.body.fc.bias
 
@@ -70,7 +70,7 @@ def test_ssd_uses_squared_batch_mean_gradients_of_train_and_forget(ssd):
 
 
 def test_ssd_with_infinite_alpha_returns_the_original_bit_identical(shared_cache, tmp_path):
-    stage, _ = fit_ssd(tmp_path, shared_cache, "method.alpha=1e30")  # `inf` selects nothing too
+    stage, _ = fit_ssd(tmp_path, shared_cache, "method.alpha=1e30", "method.alpha_grid=null")  # `inf` too
     original = stage.original.state_dict()
     assert all(torch.equal(v, original[k]) for k, v in stage.module.net.state_dict().items())
 
@@ -80,7 +80,68 @@ def test_ssd_twice_gives_bit_identical_models(ssd, shared_cache, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("key, value", [("alpha", "-1"), ("dampening", "-0.5")])
-def test_ssd_rejects_negative_hyperparameters(tiny, key, value):
+def test_ssd_alpha_walk_follows_the_rule_on_the_selection_set(ssd):
+    """The grid is walked from the gentlest α; the chosen one obeys functional.walk_grid on its own candidates."""
+    stage, _ = ssd
+    m = stage.module
+    tried = [c.value for c in m.candidates]
+    assert tried == m.grid[: len(tried)] and m.alpha in tried  # descending, no α skipped
+    for c in m.candidates:  # classes: score = retain accuracy + forget error, forgets at the tolerance
+        assert c.score == pytest.approx(c.retain_acc + 1 - c.forget_acc)
+        assert c.forgets == (c.forget_acc <= m.forget_tolerance)
+    from mu_runner.methods.functional import walk_grid
+    replay = {c.value: c for c in m.candidates}
+    _, chosen = walk_grid(m.grid, lambda a: [replay[a]], m.base_retain, m.retain_tolerance, m.retain_budget)
+    assert chosen.value == m.alpha
+    assert stage.module.choices()["alpha"] == m.alpha
+
+
+def test_ssd_alpha_walk_for_samples_asks_the_forget_set_to_look_unseen(shared_cache, tmp_path):
+    """Sample forgetting: a step forgets when D_f's accuracy is at most the validation accuracy."""
+    cfg = compose_config([*TINY, "method=ssd", "forget=random", "reference=none", f"paths.cache_dir={shared_cache}"],
+                         tmp_path)
+    stage = build(cfg)
+    stage.fit()
+    m = stage.module
+    assert m.candidates and m.alpha in [c.value for c in m.candidates]
+    for c in m.candidates:
+        assert c.forgets == (c.forget_acc <= c.retain_acc)
+        assert c.score == pytest.approx(c.retain_acc - max(0.0, c.forget_acc - c.retain_acc))
+
+
+def test_ssd_alpha_walk_reads_no_test_image(shared_cache, tmp_path):
+    """The selection set is D_f + validation images: no test index reaches a loader during the edit."""
+    from mu_runner.data.loaders import TensorLoader
+    cfg = compose_config([*TINY, "method=ssd", "forget.k=2", "reference=none", f"paths.cache_dir={shared_cache}"],
+                         tmp_path)
+    stage = build(cfg)
+    seen, real, real_edit, inside = [], TensorLoader.__iter__, stage.module.edit, []
+
+    def edit():
+        inside.append(True)
+        try:
+            real_edit()
+        finally:
+            inside.clear()
+
+    def iterate(loader):
+        if inside:
+            seen.append((loader.images.data_ptr(), loader.indices.clone()))
+        return real(loader)
+    stage.module.edit = edit
+    TensorLoader.__iter__ = iterate
+    try:
+        stage.fit()
+    finally:
+        TensorLoader.__iter__ = real
+    pool_and_val = torch.cat([stage.data.pool, stage.data.val])
+    assert seen and all(ptr == stage.data.images.data_ptr() for ptr, _ in seen)  # the training images only
+    assert all(torch.isin(idx, pool_and_val).all() for _, idx in seen)
+    assert any(torch.isin(idx, stage.data.val).any() for _, idx in seen)  # validation images were used
+
+
+@pytest.mark.parametrize("key, value", [("alpha", "-1"), ("dampening", "-0.5"), ("alpha_grid", "[]"),
+                                        ("alpha_grid", "[10,-1]"), ("retain_budget", "2")])
+def test_ssd_rejects_bad_hyperparameters(tiny, key, value):
     with pytest.raises(ConfigError, match=rf"method\.{key}="):
         build(tiny("method=ssd", f"method.{key}={value}"))

@@ -96,6 +96,10 @@ class UnlearningModule(L.LightningModule):
         on the whole training pool (split `retain`) with the run's trainer. Default: nothing.
         """
 
+    def choices(self) -> dict:
+        """What the method chose on its own during the run (a step on a grid...): metrics.json `method_choices`."""
+        return {}
+
     def unlearning_loss(self, batch: Batch) -> Tensor:
         raise NotImplementedError
 

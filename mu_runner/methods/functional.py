@@ -1,9 +1,10 @@
-"""Pure functions shared by more than one method (relabelling, gradient passes)."""
+"""Pure functions shared by more than one method (relabelling, gradient passes, step selection)."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -162,3 +163,43 @@ def sinkhorn_plan(cost: Tensor, epsilon: float = 0.01, max_iter: int = 50, tol: 
         if float((u - u_prev).detach().abs().sum()) < tol:
             break
     return scaled(u, v).exp()
+
+
+class Candidate(NamedTuple):
+    """One tried setting of a one-shot edit, scored on a held-out selection set."""
+
+    value: float  # the grid value (mnemonic's λ2, SSD's α)
+    variant: int  # a second choice tried at each value (mnemonic's sign), else 0
+    score: float  # retain accuracy + forget error (higher is better)
+    forget_acc: float
+    retain_acc: float
+    forgets: bool  # the method's forgetting criterion holds
+
+
+def walk_grid(grid: Iterable[float], try_value: Callable[[float], list[Candidate]], base_retain: float,
+              retain_tolerance: float, retain_budget: float = 1.0) -> tuple[list[Candidate], Candidate]:
+    """Walk a grid from the gentlest edit to the strongest; returns (every candidate tried, the chosen one).
+
+    At each value the variant with the best score is taken (a tie keeps the first). Chosen: the first
+    value that forgets, if its retain accuracy is within `retain_budget` of the unedited model's
+    (`base_retain`); then each next value while it still forgets and stays within `retain_tolerance`
+    (a stronger edit at no retain cost leaves a margin for forget images the selection set lacks).
+    The walk stops at the first value that fails. When no value forgets within the budget, the
+    tried candidate with the best score.
+    """
+    tried: list[Candidate] = []
+    chosen = None
+    for value in grid:
+        variants = try_value(value)
+        tried += variants
+        best = max(variants, key=lambda c: c.score)
+        if chosen is None:
+            if best.forgets:
+                if best.retain_acc < base_retain - retain_budget:
+                    break  # forgetting here costs more than the budget: stronger edits would cost more
+                chosen = best
+        elif best.forgets and best.retain_acc >= base_retain - retain_tolerance:
+            chosen = best
+        else:
+            break
+    return tried, chosen if chosen is not None else max(tried, key=lambda c: c.score)

@@ -22,9 +22,14 @@ Deliberate choices ([design], METHODS.md §C mnemonic):
 - the candidate is chosen on `val_per_class` stratified validation images per class
   (`selection: val`) or on the codes alone (`selection: codes`, data-free); a tie keeps +;
 - `lambda2_grid` (not in the paper): the step λ2 that forgets a class differs from class to class
-  (on digits 0.2 for class 4, where 1.6 costs 33 retain points; 0.8 for class 5; 1.6 for class 8),
-  so the smallest λ2 of the grid whose better sign brings the selection set's forget accuracy to
-  `forget_tolerance` or below is taken (the largest when none does); null: the fixed `lambda2`;
+  (on digits 0.2 for class 4, where 0.3 already costs 2 retain points; 1.2 for class 5; 1.2 for
+  class 8), so the grid is walked upwards: the first λ2 whose better sign brings the selection
+  set's forget accuracy to `forget_tolerance` or below, then each next λ2 as long as it still
+  forgets and keeps the retained classes' selection accuracy within `retain_tolerance` of the
+  unedited model's — a stronger step at no retain cost leaves a margin for the forget images the
+  ~14 validation images a class do not show (on class 5, λ2 0.8 forgot every validation image but
+  4 of 131 training images; 1.6 forgets them all at the same validation retain accuracy). When no
+  step forgets, the tried step with the best score (`functional.walk_grid`); null: the fixed `lambda2`;
 - class-level only: codes are per class, so sample forgetting is refused.
 """
 
@@ -40,6 +45,7 @@ from torch import Tensor, nn
 
 from mu_runner.errors import CheckpointError, ConfigError
 from mu_runner.methods.base import OneShotModule, OriginalRecipe
+from mu_runner.methods.functional import Candidate, walk_grid
 from mu_runner.methods.supervised import SupervisedTraining
 
 CODE_SALT, MIX_SALT = 20_230_608, 1_000_003  # codes and mixing draws apart from the init's seed stream
@@ -96,7 +102,8 @@ class Mnemonic(OneShotModule):
 
     def __init__(self, net: nn.Module, lambda1: float = 1e-3, lambda2: float = 0.2, eps: float = 1e-6,
                  t_mix: float = 0.05, selection: str = "val", val_per_class: int = 20, batch_size: int = 256,
-                 seed: int = 0, lambda2_grid: list[float] | None = None, forget_tolerance: float = 0.01) -> None:
+                 seed: int = 0, lambda2_grid: list[float] | None = None, forget_tolerance: float = 0.01,
+                 retain_tolerance: float = 0.01) -> None:
         super().__init__(net, batch_size=batch_size, seed=seed)
         if not (lambda1 > 0 and lambda2 > 0):
             raise ConfigError(f"method.lambda1={lambda1}, method.lambda2={lambda2}: need both > 0")
@@ -105,7 +112,9 @@ class Mnemonic(OneShotModule):
         if not 0 <= forget_tolerance < 1:
             raise ConfigError(f"method.forget_tolerance={forget_tolerance}: need 0 <= tolerance < 1")
         self.grid = sorted(float(v) for v in lambda2_grid) if lambda2_grid is not None else [float(lambda2)]
-        self.forget_tolerance = float(forget_tolerance)
+        if not 0 <= retain_tolerance < 1:
+            raise ConfigError(f"method.retain_tolerance={retain_tolerance}: need 0 <= tolerance < 1")
+        self.forget_tolerance, self.retain_tolerance = float(forget_tolerance), float(retain_tolerance)
         if not eps > 0:
             raise ConfigError(f"method.eps={eps}: need eps > 0 (eta = f_F / (f_R + eps))")
         if not 0 < t_mix < 1:
@@ -116,6 +125,7 @@ class Mnemonic(OneShotModule):
             raise ConfigError(f"method.val_per_class={val_per_class}: need > 0")
         self.lambda1, self.lambda2, self.eps, self.selection = float(lambda1), float(lambda2), float(eps), selection
         self.val_per_class = int(val_per_class)
+        self.candidates, self.sign = [], 1  # set by `edit`
         if net is not None:  # net=None: the runner only validates the arguments
             self.register_buffer("codes", verified_codes(net, self.seed), persistent=False)
             seconds = net.artifacts.get("train_seconds")  # training the code-mixed original, once
@@ -138,22 +148,28 @@ class Mnemonic(OneShotModule):
             self.eta = {n: f_f[n] / (f_r[n] + self.eps) for n in self.perturbed}
             start = {n: p.detach().clone() for n, p in self.perturbed.items()}
             x, y = self.selection_set()
-            self.candidates = []  # (lambda2, sign, score, forget accuracy on the selection set)
-            for lambda2 in self.grid:  # ascending: the smallest step that forgets
+            self.base_retain = score_candidate(self.net, x, y, forget)[2]  # the unedited model's
+
+            def try_step(lambda2: float) -> list[tuple]:
                 self.alpha = {n: step_size(e, self.lambda1, lambda2) for n, e in self.eta.items()}
+                pair = []
                 for sign in (1, -1):
                     self.move(start, sign)
-                    self.candidates.append((lambda2, sign, *score_candidate(self.net, x, y, forget)))
-                if min(c[3] for c in self.candidates[-2:]) <= self.forget_tolerance:
-                    break
-            last = self.candidates[-2:]  # the chosen lambda2: the first that forgets, else the largest
-            self.scores = {c[1]: c[2] for c in last}
-            self.sign = 1 if self.scores[1] >= self.scores[-1] else -1
-            self.lambda2 = last[0][0]
+                    score, forget_acc, retain_acc = score_candidate(self.net, x, y, forget)
+                    pair.append(Candidate(lambda2, sign, score, forget_acc, retain_acc,
+                                          forget_acc <= self.forget_tolerance))
+                return pair
+
+            self.candidates, chosen = walk_grid(self.grid, try_step, self.base_retain, self.retain_tolerance)
+            self.scores = {c.variant: c.score for c in self.candidates if c.value == chosen.value}
+            self.sign, self.lambda2 = chosen.variant, chosen.value
             self.alpha = {n: step_size(e, self.lambda1, self.lambda2) for n, e in self.eta.items()}
             self.move(start, self.sign)
         finally:
             self.net.train(was_training)
+
+    def choices(self) -> dict:
+        return {"lambda2": self.lambda2, "sign": self.sign, "lambda2_tried": sorted({c.value for c in self.candidates})}
 
     def move(self, start: dict[str, Tensor], sign: int) -> None:
         with torch.no_grad():
@@ -192,13 +208,14 @@ def step_size(eta: Tensor, lambda1: float, lambda2: float) -> float:
     return lambda1 if top == 0 else min(lambda1, lambda2 / top)
 
 
-def score_candidate(net: nn.Module, x: Tensor, y: Tensor, forget: list[int]) -> tuple[float, float]:
-    """(retain accuracy + forget error, forget accuracy) of `net` on the selection set."""
+def score_candidate(net: nn.Module, x: Tensor, y: Tensor, forget: list[int]) -> tuple[float, float, float]:
+    """(retain accuracy + forget error, forget accuracy, retain accuracy) of `net` on the selection set."""
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
         correct = net(x.float()).argmax(1) == y
     is_f = torch.isin(y, torch.tensor(forget, device=y.device))
     forget_acc = float(correct[is_f].float().mean())
-    return float(correct[~is_f].float().mean()) + 1.0 - forget_acc, forget_acc
+    retain_acc = float(correct[~is_f].float().mean())
+    return retain_acc + 1.0 - forget_acc, forget_acc, retain_acc
 
 
 def verified_codes(net: nn.Module, seed: int) -> Tensor:
