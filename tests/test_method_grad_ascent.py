@@ -14,7 +14,7 @@ from mu_runner.methods.functional import batchnorm_eval
 from mu_runner.methods.grad_ascent import GradAscent
 from mu_runner.run import build, make_method
 
-FAST = ("method=grad_ascent", "method.epochs=1", "reference=none")
+FAST = ("method=grad_ascent", "method.epochs=1", "method.stop_forget_acc=null", "reference=none")
 
 
 def test_grad_ascent_never_iterates_the_retain_split(tiny, shared_cache, monkeypatch):
@@ -65,3 +65,42 @@ def test_bn_eval_mode_keeps_running_statistics_and_train_mode_moves_them(tiny, s
 def test_unknown_bn_mode_is_a_config_error(tiny):
     with pytest.raises(ConfigError, match=r"method.bn_mode='frozen'.*eval, train"):
         make_method(tiny("method=grad_ascent", "method.bn_mode=frozen"), net=None)
+
+
+def test_stop_rule_pools_small_batches_and_fires_at_the_target():
+    ga = GradAscent(torch.nn.Linear(2, 2), batch_size=32, stop_forget_acc=0.1)
+    assert not ga.forgotten(0, 3)  # a 3-sample remainder decides nothing on its own
+    assert not ga.forgotten(5, 32)  # pooled: 5 / 35 = 0.14 > 0.1
+    assert ga.forgotten(3, 32)  # 3 / 32 = 0.094
+    assert not ga.forgotten(4, 32)  # 0.125
+    with pytest.raises(ConfigError, match=r"method\.stop_forget_acc=1"):
+        GradAscent(torch.nn.Linear(2, 2), stop_forget_acc=1)
+
+
+def test_stop_rule_ends_the_run_before_the_step_that_would_pass_the_target(tiny, shared_cache, monkeypatch):
+    """The run stops at the first pooled window at or below the target, and that step is not taken."""
+    seen, weights = [], []
+    real = GradAscent.forgotten
+
+    def forgotten(self, c, n):
+        seen.append((c, n))
+        weights.append({k: v.detach().clone() for k, v in self.net.named_parameters()})
+        return real(self, c, n)
+    monkeypatch.setattr(GradAscent, "forgotten", forgotten)
+    stage = build(tiny("method=grad_ascent", "method.epochs=20", "method.stop_forget_acc=0.5", "method.optimizer.lr=3e-3",
+                       "reference=none", f"paths.cache_dir={shared_cache}"))
+    stage.fit()
+    m = stage.module
+    assert m.stopped_at_step is not None and stage.trainer.current_epoch < 19  # stopped early
+    assert len(seen) >= 2 and not torch.equal(weights[0]["body.fc.weight"], weights[-1]["body.fc.weight"])
+    windows, pool = [], [0, 0]  # the rule's pooling, replayed: >= batch_size predictions per decision
+    for c, n in seen:
+        pool = [pool[0] + c, pool[1] + n]
+        if pool[1] >= m.batch_size:
+            windows.append(pool[0] / pool[1])
+            pool = [0, 0]
+    assert pool == [0, 0]  # the last call closed a window
+    assert windows[-1] <= 0.5 and all(acc > 0.5 for acc in windows[:-1])
+    final = dict(m.net.named_parameters())
+    assert all(torch.equal(final[k], v) for k, v in weights[-1].items())  # the stopping step was not taken
+    assert m.choices() == {"stopped_at_step": m.stopped_at_step}

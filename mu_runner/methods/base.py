@@ -100,11 +100,14 @@ class UnlearningModule(L.LightningModule):
         """What the method chose on its own during the run (a step on a grid...): metrics.json `method_choices`."""
         return {}
 
-    def unlearning_loss(self, batch: Batch) -> Tensor:
+    def unlearning_loss(self, batch: Batch) -> Tensor | None:
+        """The loss of one step; None skips the step (with `trainer.should_stop`: a stopping rule)."""
         raise NotImplementedError
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         loss = self.unlearning_loss(batch)
+        if loss is None:
+            return None  # Lightning takes no optimizer step
         if not torch.isfinite(loss):
             raise DivergedError(
                 f"method {self.name}: loss became {loss.item()} at step {self.global_step} "
