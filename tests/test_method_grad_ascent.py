@@ -68,7 +68,7 @@ def test_unknown_bn_mode_is_a_config_error(tiny):
 
 
 def test_stop_rule_pools_small_batches_and_fires_at_the_target():
-    ga = GradAscent(torch.nn.Linear(2, 2), batch_size=32, stop_forget_acc=0.1)
+    ga = GradAscent(torch.nn.Linear(2, 2), batch_size=32, stop_forget_acc=0.1)  # class forgetting: the target
     assert not ga.forgotten(0, 3)  # a 3-sample remainder decides nothing on its own
     assert not ga.forgotten(5, 32)  # pooled: 5 / 35 = 0.14 > 0.1
     assert ga.forgotten(3, 32)  # 3 / 32 = 0.094
@@ -103,4 +103,14 @@ def test_stop_rule_ends_the_run_before_the_step_that_would_pass_the_target(tiny,
     assert windows[-1] <= 0.5 and all(acc > 0.5 for acc in windows[:-1])
     final = dict(m.net.named_parameters())
     assert all(torch.equal(final[k], v) for k, v in weights[-1].items())  # the stopping step was not taken
-    assert m.choices() == {"stopped_at_step": m.stopped_at_step}
+    assert m.choices() == {"stopped_at_step": m.stopped_at_step, "stop_forget_acc": 0.5}
+
+
+def test_stop_rule_for_samples_is_the_originals_validation_accuracy(tiny, shared_cache):
+    from mu_runner.methods.grad_ascent import validation_accuracy
+    stage = build(tiny("method=grad_ascent", "forget=random", "method.epochs=3", "reference=none",
+                       f"paths.cache_dir={shared_cache}"))
+    expected = validation_accuracy(stage.original, stage.datamodule)
+    stage.fit()
+    assert stage.module.target == expected and 0 < expected < 1
+    assert stage.module.choices()["stop_forget_acc"] == expected
