@@ -59,7 +59,7 @@ def assemble(stage) -> dict:
         "prep_cached": stage.module.prep_cached,  # True: prep_seconds was measured when the cache entry was made
         "eval_seconds_during_unlearning": stage.evaluation.epoch_seconds,
         "epochs_run": stage.trainer.current_epoch,
-        "optimizer_steps": stage.trainer.global_step,
+        "optimizer_steps": stage.trainer.global_step - stage.module.skipped_steps,
         "original": original,
         "retrain": retrain,
         "avg_gap": MF.avg_gap(after, retrain),

@@ -92,6 +92,7 @@ def test_stop_rule_ends_the_run_before_the_step_that_would_pass_the_target(tiny,
     stage.fit()
     m = stage.module
     assert m.stopped_at_step is not None and stage.trainer.current_epoch < 19  # stopped early
+    assert m.skipped_steps == 1 and stage.trainer.global_step - 1 == m.stopped_at_step  # what metrics.json counts
     assert len(seen) >= 2 and not torch.equal(weights[0]["body.fc.weight"], weights[-1]["body.fc.weight"])
     windows, pool = [], [0, 0]  # the rule's pooling, replayed: >= batch_size predictions per decision
     for c, n in seen:

@@ -47,6 +47,7 @@ class UnlearningModule(L.LightningModule):
     forget_kinds: tuple[str, ...] = ("classes", "random", "indices")  # the forget sets it can handle
     prep_seconds: float | None = None  # one-off set-up cost (`prepare`), reported apart from unlearn_seconds
     prep_cached: bool | None = None  # True: prep_seconds is the cost measured when the cache entry was made
+    skipped_steps: int = 0  # training steps whose unlearning_loss was None (in global_step, no update)
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, epochs: int = 1,
@@ -106,8 +107,9 @@ class UnlearningModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         loss = self.unlearning_loss(batch)
-        if loss is None:
-            return None  # Lightning takes no optimizer step
+        if loss is None:  # Lightning still calls optimizer.step, which moves no weight without gradients,
+            self.skipped_steps += 1  # but counts it in global_step
+            return None
         if not torch.isfinite(loss):
             raise DivergedError(
                 f"method {self.name}: loss became {loss.item()} at step {self.global_step} "
