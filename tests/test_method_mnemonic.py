@@ -243,13 +243,13 @@ def test_lambda2_grid_walks_up_from_the_first_step_that_forgets_while_retain_hol
         first = forgets[0]
         assert m.lambda2 >= first and best[m.lambda2].forgets
         for lam in tried:
-            if first < lam <= m.lambda2:  # each step beyond the first still forgets at no retain cost
-                assert best[lam].retain_acc >= m.base_retain - m.retain_tolerance
+            if first < lam <= m.lambda2:  # each step beyond the first still forgets at no further retain cost
+                assert best[lam].retain_acc >= best[first].retain_acc - m.retain_tolerance
         after = [lam for lam in tried if lam > m.lambda2]
         assert len(after) <= 1  # stopped at the first step that fails
         if after:
             c = best[after[0]]
-            assert not c.forgets or c.retain_acc < m.base_retain - m.retain_tolerance
+            assert not c.forgets or c.retain_acc < best[first].retain_acc - m.retain_tolerance
         else:
             assert m.lambda2 == m.grid[-1]
     assert m.scores == {c.variant: c.score for c in m.candidates if c.value == m.lambda2}
@@ -271,7 +271,8 @@ def test_grid_walk_on_known_accuracies():
 
     assert walk([(0.9, 0.5), (0.9, 0.0), (0.895, 0.0), (0.85, 0.0)]) == (0.8, [0.2, 0.4, 0.8, 1.6])  # 1.6 costs 5
     assert walk([(0.9, 0.0), (0.85, 0.0), (0.9, 0.0), (0.9, 0.0)]) == (0.2, [0.2, 0.4])  # stops at the first cost
-    assert walk([(0.8, 0.0), (0.8, 0.0), (0.9, 0.0), (0.9, 0.0)]) == (0.2, [0.2, 0.4])  # first forgets at a cost
+    assert walk([(0.8, 0.0), (0.8, 0.0), (0.9, 0.0), (0.9, 0.0)]) == (1.6, [0.2, 0.4, 0.8, 1.6])  # measured from
+    assert walk([(0.8, 0.0), (0.75, 0.0), (0.9, 0.0), (0.9, 0.0)]) == (0.2, [0.2, 0.4])  # the first forgetting step
     assert walk([(0.9, 0.5), (0.9, 0.3), (0.9, 0.2), (0.8, 0.1)]) == (0.8, [0.2, 0.4, 0.8, 1.6])  # none: best score
     assert walk([(0.9, 0.5), (0.9, 0.0), (0.9, 0.3), (0.9, 0.0)]) == (0.4, [0.2, 0.4, 0.8])  # 0.8 stops forgetting
     # a budget: the first step that forgets costs 40 points > 5, so the walk stops there and keeps the best score

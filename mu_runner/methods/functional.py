@@ -182,13 +182,14 @@ def walk_grid(grid: Iterable[float], try_value: Callable[[float], list[Candidate
 
     At each value the variant with the best score is taken (a tie keeps the first). Chosen: the first
     value that forgets, if its retain accuracy is within `retain_budget` of the unedited model's
-    (`base_retain`); then each next value while it still forgets and stays within `retain_tolerance`
-    (a stronger edit at no retain cost leaves a margin for forget images the selection set lacks).
+    (`base_retain`); then each next value while it still forgets and keeps the retain accuracy
+    within `retain_tolerance` of that first one's (a stronger edit at no further retain cost leaves
+    a margin for forget images the selection set lacks).
     The walk stops at the first value that fails. When no value forgets within the budget, the
     tried candidate with the best score.
     """
     tried: list[Candidate] = []
-    chosen = None
+    chosen = first = None
     for value in grid:
         variants = try_value(value)
         tried += variants
@@ -197,8 +198,8 @@ def walk_grid(grid: Iterable[float], try_value: Callable[[float], list[Candidate
             if best.forgets:
                 if best.retain_acc < base_retain - retain_budget:
                     break  # forgetting here costs more than the budget: stronger edits would cost more
-                chosen = best
-        elif best.forgets and best.retain_acc >= base_retain - retain_tolerance:
+                chosen = first = best
+        elif best.forgets and best.retain_acc >= first.retain_acc - retain_tolerance:
             chosen = best
         else:
             break

@@ -25,8 +25,8 @@ Deliberate choices ([design], METHODS.md §C mnemonic):
   (on digits 0.2 for class 4, where 0.3 already costs 2 retain points; 1.2 for class 5; 1.2 for
   class 8), so the grid is walked upwards: the first λ2 whose better sign brings the selection
   set's forget accuracy to `forget_tolerance` or below, then each next λ2 as long as it still
-  forgets and keeps the retained classes' selection accuracy within `retain_tolerance` of the
-  unedited model's — a stronger step at no retain cost leaves a margin for the forget images the
+  forgets and keeps the retained classes' selection accuracy within `retain_tolerance` of that
+  first step's — a stronger step at no further retain cost leaves a margin for the forget images the
   ~14 validation images a class do not show (on class 5, λ2 0.8 forgot every validation image but
   4 of 131 training images; 1.6 forgets them all at the same validation retain accuracy). When no
   step forgets, the tried step with the best score (`functional.walk_grid`); null: the fixed `lambda2`;

@@ -22,9 +22,9 @@ conf/method/ssd.yaml). The importances are computed once; the grid is walked fro
   higher than the validation accuracy (samples: the forget set looks like unseen data);
 - retain images: the validation images of the retained classes (all of them for samples);
 - the first α that forgets is taken if it costs at most `retain_budget` of validation retain
-  accuracy, then smaller αs while they still forget within `retain_tolerance`; when none does,
-  the tried α with the best retain accuracy + forget error (samples: validation accuracy minus
-  D_f's excess over it). `alpha_grid: null` uses the fixed `alpha`.
+  accuracy, then smaller αs while they still forget within `retain_tolerance` of that first
+  one's retain accuracy; when none does, the tried α with the best retain accuracy + forget error
+  (samples: validation accuracy minus D_f's excess over it). `alpha_grid: null`: the fixed `alpha`.
 """
 
 from __future__ import annotations
