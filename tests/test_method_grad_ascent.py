@@ -115,3 +115,16 @@ def test_stop_rule_for_samples_is_the_originals_validation_accuracy(tiny, shared
     stage.fit()
     assert stage.module.target == expected and 0 < expected < 1
     assert stage.module.choices()["stop_forget_acc"] == expected
+
+
+def test_metrics_json_counts_only_the_steps_taken_and_records_the_stop(tiny, shared_cache):
+    import json
+    from pathlib import Path
+
+    from mu_runner.run import run
+    cfg = tiny("method=grad_ascent", "method.epochs=20", "method.stop_forget_acc=0.5", "method.optimizer.lr=3e-3",
+               "reference=none", f"paths.cache_dir={shared_cache}")
+    run(cfg)
+    m = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    stop = m["method_choices"]["stopped_at_step"]
+    assert stop is not None and m["optimizer_steps"] == stop and m["method_choices"]["stop_forget_acc"] == 0.5

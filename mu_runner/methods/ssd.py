@@ -116,7 +116,7 @@ class SSD(OneShotModule):
             self.selected[n] = chosen
 
     def walk(self) -> float:
-        """α chosen on the selection set (module docstring); the network is left at the original."""
+        """α chosen on the selection set (module docstring); `edit` then dampens from the original weights."""
         data, classes = self.datamodule.data, self.datamodule.split.classes
         forget = self.datamodule.split.forget
         val, val_labels = data.val, data.labels[data.val].cpu()
