@@ -108,10 +108,13 @@ def test_stop_rule_ends_the_run_before_the_step_that_would_pass_the_target(tiny,
 
 
 def test_stop_rule_for_samples_is_the_originals_validation_accuracy(tiny, shared_cache):
-    from mu_runner.methods.grad_ascent import validation_accuracy
+    from mu_runner.metrics.suite import accuracy_on
     stage = build(tiny("method=grad_ascent", "forget=random", "method.epochs=3", "reference=none",
                        f"paths.cache_dir={shared_cache}"))
-    expected = validation_accuracy(stage.original, stage.datamodule)
+    val = stage.data.val
+    expected = accuracy_on(stage.original, stage.data, val)
+    hand = (stage.original.eval()(stage.data.images[val].float() / 255).argmax(1) == stage.data.labels[val]).float().mean()
+    assert expected == pytest.approx(float(hand))  # the original's accuracy on the validation images
     stage.fit()
     assert stage.module.target == expected and 0 < expected < 1
     assert stage.module.choices()["stop_forget_acc"] == expected

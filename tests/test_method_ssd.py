@@ -94,6 +94,18 @@ def test_ssd_alpha_walk_follows_the_rule_on_the_selection_set(ssd):
     _, chosen = walk_grid(m.grid, lambda a: [replay[a]], m.base_retain, m.retain_tolerance, m.retain_budget)
     assert chosen.value == m.alpha
     assert stage.module.choices()["alpha"] == m.alpha
+    # the candidate's accuracies are the final model's, by hand: D_f + forget-class validation images,
+    # and the retained classes' validation images
+    data, classes = stage.data, stage.split.classes
+    val, labels = data.val, data.labels.cpu()
+    in_f = torch.isin(labels[val], torch.tensor(classes))
+    net = m.net.eval()
+
+    def acc(idx):
+        with torch.no_grad():
+            return float((net(data.images[idx].float() / 255).argmax(1) == labels[idx]).float().mean())
+    assert chosen.forget_acc == pytest.approx(acc(torch.cat([stage.split.forget, val[in_f]])))
+    assert chosen.retain_acc == pytest.approx(acc(val[~in_f]))
 
 
 def test_ssd_alpha_walk_for_samples_asks_the_forget_set_to_look_unseen(shared_cache, tmp_path):
@@ -109,35 +121,32 @@ def test_ssd_alpha_walk_for_samples_asks_the_forget_set_to_look_unseen(shared_ca
         assert c.score == pytest.approx(c.retain_acc - max(0.0, c.forget_acc - c.retain_acc))
 
 
-def test_ssd_alpha_walk_reads_no_test_image(shared_cache, tmp_path):
-    """The selection set is D_f + validation images: no test index reaches a loader during the edit."""
-    from mu_runner.data.loaders import TensorLoader
+def test_ssd_alpha_walk_reads_no_test_image(shared_cache, tmp_path, monkeypatch):
+    """The selection set is D_f + validation images: the test split is out of reach during the edit."""
+    import mu_runner.methods.ssd as ssd_module
     cfg = compose_config([*TINY, "method=ssd", "forget.k=2", "reference=none", f"paths.cache_dir={shared_cache}"],
                          tmp_path)
     stage = build(cfg)
-    seen, real, real_edit, inside = [], TensorLoader.__iter__, stage.module.edit, []
+    scored, real_edit, real_acc = [], stage.module.edit, ssd_module.accuracy_on
 
-    def edit():
-        inside.append(True)
+    def edit():  # the test images and labels are gone while SSD edits: any read of them fails
+        images, labels = stage.data.test_images, stage.data.test_labels
+        stage.data.test_images = stage.data.test_labels = None
         try:
             real_edit()
         finally:
-            inside.clear()
+            stage.data.test_images, stage.data.test_labels = images, labels
 
-    def iterate(loader):
-        if inside:
-            seen.append((loader.images.data_ptr(), loader.indices.clone()))
-        return real(loader)
+    def accuracy_on(net, data, indices):
+        scored.append(indices.clone())
+        return real_acc(net, data, indices)
     stage.module.edit = edit
-    TensorLoader.__iter__ = iterate
-    try:
-        stage.fit()
-    finally:
-        TensorLoader.__iter__ = real
+    monkeypatch.setattr(ssd_module, "accuracy_on", accuracy_on)
+    stage.fit()
     pool_and_val = torch.cat([stage.data.pool, stage.data.val])
-    assert seen and all(ptr == stage.data.images.data_ptr() for ptr, _ in seen)  # the training images only
-    assert all(torch.isin(idx, pool_and_val).all() for _, idx in seen)
-    assert any(torch.isin(idx, stage.data.val).any() for _, idx in seen)  # validation images were used
+    assert scored and all(torch.isin(idx, pool_and_val).all() for idx in scored)  # training-set indices only
+    assert any(torch.isin(idx, stage.data.val).any() for idx in scored)  # validation images were used
+    assert stage.module.candidates  # the walk ran
 
 
 @pytest.mark.parametrize("key, value", [("alpha", "-1"), ("dampening", "-0.5"), ("alpha_grid", "[]"),

@@ -13,35 +13,25 @@ null runs every epoch. Sample forgetting stops instead at the original's validat
 forget set should look like unseen data, which is where the retrained model puts it; a fixed 0.1
 let GA run 5 epochs on random 10 % and cost 36 retain points). The runner's
 `callbacks.forget_target` is the epoch-level version.
-With `bn_mode: train` the logits use one-class batch statistics, so the rule may fire at once. With `bn_mode: eval` (default, our design) BatchNorm layers
-stay in eval mode during the forget passes, so forget-only batches cannot overwrite the running
-statistics that the retained classes rely on.
+
+With `bn_mode: eval` (default, our design) BatchNorm layers stay in eval mode during the forget
+passes, so forget-only batches cannot overwrite the running statistics that the retained classes
+rely on. With `bn_mode: train` the logits use one-class batch statistics, so the stopping rule may
+fire at once.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import batchnorm_eval, negative_cross_entropy
+from mu_runner.metrics.suite import accuracy_on
 
 BN_MODES = ("eval", "train")
-
-
-@torch.no_grad()
-def validation_accuracy(net: nn.Module, datamodule) -> float:
-    """Accuracy of `net` (eval mode, then restored) on the validation split."""
-    was_training = net.training
-    net.eval()
-    try:
-        hits = sum(int((net(x).argmax(1) == y).sum()) for x, y in datamodule.batches("val"))
-    finally:
-        net.train(was_training)
-    return hits / max(len(datamodule.indices("val")), 1)
 
 
 def check_bn_mode(bn_mode: str) -> str:
@@ -69,7 +59,7 @@ class GradAscent(UnlearningModule):
 
     def on_train_start(self) -> None:
         if self.stop_forget_acc is not None and self.datamodule.split.classes is None:
-            self.target = validation_accuracy(self.net, self.datamodule)
+            self.target = accuracy_on(self.net, self.datamodule.data, self.datamodule.data.val)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning puts the whole model in train mode at every epoch start: undo it for BN here.

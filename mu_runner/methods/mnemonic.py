@@ -22,12 +22,12 @@ Deliberate choices ([design], METHODS.md §C mnemonic):
 - the candidate is chosen on `val_per_class` stratified validation images per class
   (`selection: val`) or on the codes alone (`selection: codes`, data-free); a tie keeps +;
 - `lambda2_grid` (not in the paper): the step λ2 that forgets a class differs from class to class
-  (on digits 0.2 for class 4, where 0.3 already costs 2 retain points; 1.2 for class 5; 1.2 for
+  (on digits 0.2 for class 4, where 0.3 already costs 2 retain points; 0.6 for class 5; 1.2 for
   class 8), so the grid is walked upwards: the first λ2 whose better sign brings the selection
   set's forget accuracy to `forget_tolerance` or below, then each next λ2 as long as it still
   forgets and keeps the retained classes' selection accuracy within `retain_tolerance` of that
   first step's — a stronger step at no further retain cost leaves a margin for the forget images the
-  ~14 validation images a class do not show (on class 5, λ2 0.8 forgot every validation image but
+  ~15 validation images a class do not show (on class 5, λ2 0.8 forgot every validation image but
   4 of 131 training images; 1.6 forgets them all at the same validation retain accuracy). When no
   step forgets, the tried step with the best score (`functional.walk_grid`); null: the fixed `lambda2`;
 - class-level only: codes are per class, so sample forgetting is refused.

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import OneShotModule
 from mu_runner.methods.functional import Candidate, walk_grid
+from mu_runner.metrics.suite import accuracy_on
 
 
 def importances(net: nn.Module, batches) -> dict[str, Tensor]:
@@ -124,13 +125,8 @@ class SSD(OneShotModule):
             in_forget = torch.isin(val_labels, torch.tensor(classes))
             forget, val = torch.cat([forget, val[in_forget]]), val[~in_forget]
 
-        def accuracy(indices: Tensor) -> float:
-            hits = [(self.net(x.float()).argmax(1) == y).sum() for x, y in data.loader(indices, 256)]
-            return float(sum(hits) / max(len(indices), 1))
-
         def scores(value: float) -> Candidate:
-            with torch.no_grad(), torch.autocast(device_type=data.device.type, enabled=False):
-                forget_acc, retain_acc = accuracy(forget), accuracy(val)
+            forget_acc, retain_acc = accuracy_on(self.net, data, forget), accuracy_on(self.net, data, val)
             if classes:
                 return Candidate(value, 0, retain_acc + 1 - forget_acc, forget_acc, retain_acc,
                                  forget_acc <= self.forget_tolerance)

@@ -42,6 +42,12 @@ def predict(net: nn.Module, images: Tensor, indices: Tensor | None = None, batch
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
+def accuracy_on(net: nn.Module, data: InMemoryData, indices: Tensor) -> float:
+    """Accuracy of `net` on training-set images `data.images[indices]` (eval mode, fp32); 0 when empty."""
+    acc = MF.accuracy(predict(net, data.images, indices).argmax(1), data.labels.cpu()[indices.cpu()])
+    return 0.0 if acc is None else acc
+
+
 def _mia_feature(probs: Tensor, labels: Tensor, kind: str) -> Tensor:
     if kind == "entropy":
         return MF.entropy(probs)
