@@ -5,43 +5,25 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from mu_runner.cache import atomic_write_bytes, atomic_write_json
-from mu_runner.metrics import functional as MF
-from mu_runner.metrics.suite import evaluate, feature_shift, probe_forget_acc, shift_subsets, stratified_subset
+from mu_runner.evaluation import EvaluationResult
+from mu_runner.metrics.scoring import stratified_subset
 
 log = logging.getLogger("mu_runner")
 
-KEYS = ("forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy", "mia_loss_acc", "forget_score",
-        "nomus")
+KEYS = ("forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy", "mia_auc", "mia_loss_acc",
+        "forget_score", "nomus")
 TABLE_KEYS = ("forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy", "nomus", "avg_gap")
 
 
-def assemble(stage) -> dict:
-    """All metrics.json keys: the unlearned model's scores, original and retrain objects, gaps."""
-    cfg, split, net = stage.cfg, stage.split, stage.module.net
-    original = {**stage.evaluation.before}
-    after = stage.evaluation.after
-    retrain = None
-    if stage.reference is not None:
-        retrain = evaluate(stage.reference.to(stage.data.device), stage.data, split, cfg.seed, cfg.eval.mia)
-    for scores in (original, retrain):
-        if scores is not None:
-            scores["avg_gap"] = MF.avg_gap(scores, retrain)
-    before_w = {n: p.detach().cpu() for n, p in stage.original.named_parameters()}
-    after_w = {n: p.detach().cpu() for n, p in net.named_parameters()}
-    idx = stratified_subset(stage.data.test_labels.cpu(), int(cfg.eval.feature_samples), cfg.seed)
-    images = stage.data.test_images[idx.to(stage.data.test_images.device)]
-    stages = [f"body.{s}" for s in net.stage_names]
-    shift = feature_shift(stage.original.to(stage.data.device), net, stages, images)
-    analysis = analyse(stage, stages, before_w, after_w)
-    for scores, model in ((original, stage.original), (retrain, stage.reference)):
-        if scores is not None:
-            scores["probe_forget_acc"] = probe_forget_acc(model, stage.data, split.classes, cfg.seed,
-                                                          cfg.eval.get("probe_samples"))
+def assemble(stage, result: EvaluationResult) -> dict:
+    """All metrics.json keys (README "metrics.json"): the unlearned model's scores, the original
+    and retrain objects, gaps, the analyses, and what made the numbers (version, commit)."""
+    cfg, split = stage.cfg, stage.split
+    after = result.unlearned
     return {
         "method": _yaml_name(cfg),
         "method_config": OmegaConf.to_container(cfg.method, resolve=True),
@@ -54,40 +36,44 @@ def assemble(stage) -> dict:
         "n_forget": len(split.forget),
         "n_retain": len(split.retain),
         **{k: after[k] for k in KEYS},
-        "unlearn_seconds": stage.timer.seconds - stage.evaluation.epoch_seconds,
+        **{k: v for k, v in after.items() if k.startswith("umia_")},
+        "unlearn_seconds": stage.timer.seconds - stage.monitor.epoch_seconds,
         "prep_seconds": stage.module.prep_seconds,  # one-off set-up (weight filters), not in unlearn_seconds
         "prep_cached": stage.module.prep_cached,  # True: prep_seconds was measured when the cache entry was made
-        "eval_seconds_during_unlearning": stage.evaluation.epoch_seconds,
+        "eval_seconds_during_unlearning": stage.monitor.epoch_seconds,
+        "eval_seconds": result.seconds,
         "epochs_run": stage.trainer.current_epoch,
         "optimizer_steps": stage.trainer.global_step - stage.module.skipped_steps,
-        "original": original,
-        "retrain": retrain,
-        "avg_gap": MF.avg_gap(after, retrain),
-        "layer_change": MF.grouped_change(before_w, after_w, net.stage_of),
-        "layer_change_params": MF.relative_change(before_w, after_w),
-        "feature_shift": {s.removeprefix("body."): v for s, v in shift.items()},
-        **analysis,
-        "head_only_forgetting": head_only(after, analysis["probe_forget_acc"], retrain),
+        "original": result.original,
+        "retrain": result.retrain,
+        "avg_gap": after["avg_gap"],
+        "acc_gap": after["acc_gap"],
+        **result.analysis,
+        "head_only_forgetting": head_only(after, result.analysis["probe_forget_acc"], result.retrain),
         "cache_hits": stage.cache_hits,
+        "eval_settings": OmegaConf.to_container(cfg.eval, resolve=True),
+        **provenance(),
     }
 
 
-def analyse(stage, stages: list[str], before: dict, after: dict) -> dict:
-    """How the network changed (issue: the removed-classes study): total weight change, feature
-    shift on forget and on retain samples (and to the retrained model), the forget-class probe."""
-    cfg, split, net, data = stage.cfg, stage.split, stage.module.net, stage.data
-    subsets = shift_subsets(data, split, int(cfg.eval.feature_samples), cfg.seed)
-    out = {"weight_change": MF.total_change(before, after)}
-    for name, images in subsets.items():
-        shift = feature_shift(stage.original, net, stages, images) if len(images) > 1 else {}
-        out[f"feature_shift_{name}"] = {s.removeprefix("body."): v for s, v in shift.items()} or None
-    to_retrain = None
-    if stage.reference is not None:
-        images = torch.cat(list(subsets.values()))
-        to_retrain = {s.removeprefix("body."): v for s, v in feature_shift(stage.reference, net, stages, images).items()}
-    out["feature_shift_to_retrain"] = to_retrain
-    out["probe_forget_acc"] = probe_forget_acc(net, data, split.classes, cfg.seed, cfg.eval.get("probe_samples"))
-    return out
+def provenance() -> dict:
+    """The package version and the git commit of the code that made the numbers ("+dirty" when
+    the package's checkout had uncommitted changes; null outside a git checkout)."""
+    import subprocess
+
+    from mu_runner import __version__
+    root = Path(__file__).resolve().parent.parent
+    commit = None
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", "mu_runner", "conf"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            commit = head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"mu_runner_version": __version__, "git_commit": commit}
 
 
 def head_only(after: dict, probe: float | None, retrain: dict | None) -> bool | None:
@@ -98,9 +84,10 @@ def head_only(after: dict, probe: float | None, retrain: dict | None) -> bool | 
     return bool(after["forget_acc"] <= 0.1 and probe > retrain["probe_forget_acc"] + 0.10)
 
 
-def write_outputs(stage, out: Path) -> dict:
+def write_outputs(stage, result: EvaluationResult, out: Path) -> dict:
+    """The run directory's files from the evaluator's result; metrics.json last."""
     out.mkdir(parents=True, exist_ok=True)
-    metrics = assemble(stage)
+    metrics = assemble(stage, result)
     atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(stage.cfg, resolve=True).encode())
     atomic_write_json(out / "forget_split.json", stage.split.to_json())
     if stage.cfg.save_model:
@@ -116,6 +103,8 @@ def write_outputs(stage, out: Path) -> dict:
     except Exception as err:  # a plot must never cost a finished run
         log.warning("plots skipped: %s", err)
     _log_images(stage, out)
+    if result.per_example is not None:  # the per-example attack's scores, beside metrics.json
+        atomic_write_json(out / "umia_scores.json", result.per_example)
     _log_summary(stage, metrics)
     atomic_write_json(out / "metrics.json", metrics)  # last: its presence means finished
     print(summary_table(metrics))
@@ -125,7 +114,7 @@ def write_outputs(stage, out: Path) -> dict:
 def write_embedding(stage, out: Path) -> Path:
     """embedding.png: t-SNE of the original's and the unlearned model's penultimate features on the
     same `eval.embedding_samples` stratified test images."""
-    from mu_runner.metrics.suite import penultimate_features
+    from mu_runner.evaluation.features import penultimate_features
     from mu_runner.plots import embedding_plot
 
     cfg, data = stage.cfg, stage.data
@@ -160,8 +149,11 @@ def _log_summary(stage, metrics: dict) -> None:
     logger = stage.trainer.logger
     if logger is None:
         return
-    scores = {f"retrain/{k}": v for k, v in (metrics["retrain"] or {}).items() if isinstance(v, float)}
-    scores.update({f"summary/{k}": metrics[k] for k in ("avg_gap", "unlearn_seconds", "weight_change", "probe_forget_acc")
+    scores = {f"{scope}/{k}": v for scope, d in (("original", metrics["original"]), ("retrain", metrics["retrain"]))
+              for k, v in (d or {}).items() if isinstance(v, float)}
+    scores.update({f"unlearned/{k}": metrics[k] for k in KEYS if isinstance(metrics[k], float)})
+    scores.update({f"summary/{k}": metrics[k] for k in ("avg_gap", "acc_gap", "unlearn_seconds", "eval_seconds",
+                                                         "weight_change", "probe_forget_acc")
                    if metrics[k] is not None})
     for key in ("layer_change", "feature_shift", "feature_shift_forget", "feature_shift_retain"):
         scores.update({f"{key}/{name}": v for name, v in (metrics[key] or {}).items()})

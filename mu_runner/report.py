@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 import sys
 from pathlib import Path
+
+from mu_runner.study import markdown as study_markdown
+from mu_runner.study import mean_std, scaling_groups, upload
+from mu_runner.study import plots as study_plots
 
 COLUMNS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy", "avg_gap", "acc_gap", "nomus",
            "unlearn_seconds", "prep_seconds")
@@ -27,8 +30,11 @@ def acc_gap(m: dict) -> float | None:
     """avg_gap without its MIA term: mean |gap| to the paired retrain over forget/retain/test accuracy.
 
     Shown next to avg_gap because MIA-efficacy is only as informative as the original model's
-    generalisation gap (close to none on digits), and its term can dominate avg_gap.
+    generalisation gap (close to none on digits), and its term can dominate avg_gap. Runs write
+    it to metrics.json; older runs' files get it computed here, the same way.
     """
+    if "acc_gap" in m:
+        return m["acc_gap"]
     ref = m.get("retrain") or {}
     if any(m.get(k) is None or ref.get(k) is None for k in ACCURACIES):
         return None
@@ -63,13 +69,6 @@ def load_runs(root: str | Path) -> list[dict]:
                 row[f"{ref}/{k}"] = v
         rows.append(row)
     return rows
-
-
-def mean_std(values: list) -> tuple[float, float] | None:
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
 def group(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -139,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, args.dir / "summary.csv")
     head = f"# {args.title}\n\n{len(rows)} runs from `{args.dir}`; mean ± std over seeds.\n\n" + markdown(rows)
     head += failures(args.dir)
-    from mu_runner import study
-    plots = study.plots(rows, args.dir) if study.scaling_groups(rows) else []
-    text = head + (("\n" + study.markdown(rows, [p.name for p in plots])) if plots else "")
+    plots = study_plots(rows, args.dir) if scaling_groups(rows) else []
+    text = head + (("\n" + study_markdown(rows, [p.name for p in plots])) if plots else "")
     (args.dir / "report.md").write_text(text)
     if args.md:  # the images go to a folder named after the markdown file, next to it
         args.md.parent.mkdir(parents=True, exist_ok=True)
@@ -150,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             folder.mkdir(exist_ok=True)
             for png in plots:
                 (folder / png.name).write_bytes(png.read_bytes())
-        args.md.write_text(head + (("\n" + study.markdown(rows, [f"{folder.name}/{p.name}" for p in plots]))
+        args.md.write_text(head + (("\n" + study_markdown(rows, [f"{folder.name}/{p.name}" for p in plots]))
                                    if plots else ""))
     if args.wandb:
-        study.upload(rows, args.dir, plots, args.title)
+        upload(rows, args.dir, plots, args.title)
     print(text)
     return 0
 

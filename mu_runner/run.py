@@ -18,11 +18,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mu_runner.cache import Cache
-from mu_runner.callbacks.evaluation import UnlearningEvaluation
+from mu_runner.callbacks.validation import EpochValidation
 from mu_runner.callbacks.timing import UnlearnTimer
 from mu_runner.data import forget as F
 from mu_runner.data.datamodule import InMemoryData, StageData
 from mu_runner.errors import CheckpointError, ConfigError, MuRunnerError
+from mu_runner.evaluation import EvaluationResult, Evaluator
 from mu_runner.methods.base import ARTIFACT_PREFIX, OriginalRecipe, UnlearningModule
 from mu_runner.methods.supervised import SupervisedTraining
 from mu_runner.models import Classifier
@@ -45,12 +46,18 @@ class Stage:
     trainer: L.Trainer
     datamodule: StageData
     timer: UnlearnTimer
-    evaluation: UnlearningEvaluation
+    monitor: EpochValidation
+    evaluator: Evaluator
     cache_hits: dict[str, bool] = field(default_factory=dict)
+    umia: object | None = None  # the per-example attack (eval.umia), its shadows ready
 
     def fit(self) -> None:
         L.seed_everything(self.cfg.seed, workers=False, verbose=False)
         self.trainer.fit(self.module, datamodule=self.datamodule)
+
+    def evaluate(self) -> EvaluationResult:
+        """Original, unlearned and retrained model scored by the one evaluator, plus analyses."""
+        return self.evaluator.evaluate(self.original, self.module.net, self.reference, self.umia)
 
 
 def load_data(cfg: DictConfig) -> InMemoryData:
@@ -171,9 +178,11 @@ def build(cfg: DictConfig) -> Stage:
     if cfg.reference not in ("retrain", "none", None):
         raise ConfigError(f"reference={cfg.reference!r}: allowed retrain, none")
     make_method(cfg, net=None)  # bad method values raise before anything is trained
+    check_eval(cfg)
     check_forget_kind(cfg)
     data = load_data(cfg)
     split = make_split(cfg, data)
+    evaluator = Evaluator(data, split, cfg.eval, cfg.seed)
     cache = Cache(cfg.paths.cache_dir)
     original, hit_o = get_original(cfg, data, cache, _target_class(cfg.method))
     reference, hit_r = (None, None)
@@ -184,16 +193,35 @@ def build(cfg: DictConfig) -> Stage:
     module = make_method(cfg, net=net)
     prepare_method(cfg, module, original, data, cache)  # one-off, cached: outside unlearn_seconds
     timer = UnlearnTimer()
-    evaluation = UnlearningEvaluation(data, split, cfg.seed, cfg.eval.mia, cfg.callbacks.eval_every_n_epochs,
-                                      original=original)
-    callbacks: list = [timer, evaluation]
+    monitor = EpochValidation(data, split, cfg.callbacks.eval_every_n_epochs)
+    callbacks: list = [timer, monitor]
     if cfg.callbacks.forget_target is not None:
         callbacks.append(L.pytorch.callbacks.EarlyStopping(
             "val/forget_acc", mode="min", stopping_threshold=float(cfg.callbacks.forget_target),
             patience=10**9, check_on_train_epoch_end=True))
     trainer = _trainer(cfg, module.epochs, logger=build_logger(cfg) or False, callbacks=callbacks)
+    umia, hits = build_umia(cfg, data, split, cache)
     return Stage(cfg, data, split, original, reference, module, trainer, StageData(data, split, cfg.seed),
-                 timer, evaluation, {"original": hit_o, "retrain": hit_r})
+                 timer, monitor, evaluator, {"original": hit_o, "retrain": hit_r, **hits}, umia)
+
+
+def build_umia(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit, cache: Cache) -> tuple[object, dict]:
+    """`eval.umia=lira`: the per-example attack with its shadow models (cached like originals)."""
+    kind = cfg.eval.get("umia") or "none"
+    if kind == "none":
+        return None, {}
+    from mu_runner.evaluation.lira import LiRA
+    settings = cfg.eval.lira
+
+    def fit(s: int, ids: torch.Tensor, universe: InMemoryData) -> Classifier:
+        shadow_cfg = copy.deepcopy(cfg)
+        shadow_cfg.seed = 1_000_003 * (int(settings.seed) + 1) + s  # own initialisation and batch order
+        net = new_net(shadow_cfg, data)  # the target's normalisation (statistics of the pool)
+        fit_supervised(shadow_cfg, universe, ids, net)
+        return net
+
+    lira, hits = LiRA.build(data, split, int(settings.shadows), int(settings.seed), cache, _recipe_spec(cfg), fit)
+    return lira, {"shadows": sum(hits) == len(hits)}
 
 
 def prepare_method(cfg: DictConfig, module: UnlearningModule, original: Classifier, data: InMemoryData,
@@ -216,6 +244,27 @@ def prepare_method(cfg: DictConfig, module: UnlearningModule, original: Classifi
         _trainer(cfg, epochs, logger=False, callbacks=[]).fit(lit, datamodule=dm)
 
     module.prepare(cache, spec, original, data, fit)
+
+
+UMIA = ("none", "lira")
+EMBEDDINGS = ("tsne", "none")
+
+
+def check_eval(cfg: DictConfig) -> None:
+    """The `eval` group's choices, before any work."""
+    ev = cfg.eval
+    if ev.get("mia", "confidence") not in ("confidence", "entropy"):
+        raise ConfigError(f"eval.mia={ev.mia!r}: allowed confidence, entropy")
+    if (ev.get("umia") or "none") not in UMIA:
+        raise ConfigError(f"eval.umia={ev.umia!r}: allowed {', '.join(UMIA)}")
+    if (ev.get("embedding") or "none") not in EMBEDDINGS:
+        raise ConfigError(f"eval.embedding={ev.embedding!r}: allowed {', '.join(EMBEDDINGS)}")
+    if not isinstance(ev.get("mia_draws", 0), int) or ev.get("mia_draws", 0) < 0:
+        raise ConfigError(f"eval.mia_draws={ev.mia_draws!r}: allowed 0 (all samples, balanced) or a number of draws >= 1")
+    if (ev.get("umia") or "none") == "lira":
+        s = ev.lira.shadows
+        if not isinstance(s, int) or s < 2 or s % 2:
+            raise ConfigError(f"eval.lira.shadows={s!r}: allowed an even number >= 2 (each example is in half of them)")
 
 
 def check_forget_kind(cfg: DictConfig) -> None:
@@ -257,7 +306,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     stage = build(cfg)
     try:
         stage.fit()
-        metrics = write_outputs(stage, out)
+        metrics = write_outputs(stage, stage.evaluate(), out)
     finally:
         finish_logger(stage.trainer.logger)
     return flatten(metrics)

@@ -2,7 +2,7 @@
 
 Does the network change more as more classes are removed, where does the change sit, and do the
 features still encode the forgotten classes? For every method run at several k (class forgetting):
-a table per k (mean ± std over seeds, gap to the paired retrain), Spearman's rho of the change
+a table per k (mean ± std over seeds, gap to the paired retrain), Spearman's ρ of the change
 against k, the stage ranking of the change, and four PNG plots. Plain rows in, text and files out.
 """
 
@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from pathlib import Path
 
-from mu_runner.report import mean_std
 
 STAGE_KEYS = ("layer_change", "feature_shift_retain", "feature_shift_forget")
 ACCS = ("forget_acc", "retain_acc", "test_acc")
+
+
+def mean_std(values: list) -> tuple[float, float] | None:
+    """(mean, sample std) of the non-None values; std 0 for one value; None for none."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
 def scaling_groups(rows: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
@@ -33,7 +41,7 @@ def stages(runs: list[dict], key: str = "layer_change") -> list[str]:
 
 
 def spearman(x: list[float], y: list[float]) -> tuple[float, float]:
-    """Spearman's rho and its two-sided p-value; nan where either side is constant."""
+    """Spearman's ρ and its two-sided p-value; nan where either side is constant."""
     from scipy.stats import spearmanr
 
     pairs = [(a, b) for a, b in zip(x, y, strict=True) if a is not None and b is not None]
@@ -66,7 +74,7 @@ def mean_shift(r: dict, key: str) -> float | None:
 
 
 def trend(runs: list[dict], metric) -> tuple[float, float]:
-    """Spearman's rho of metric(run) against k over every run (seeds included)."""
+    """Spearman's ρ of metric(run) against k over every run (seeds included)."""
     return spearman([r["k"] for r in runs], [metric(r) for r in runs])
 
 
@@ -75,12 +83,12 @@ def verdict(rho: float, p: float, what: str) -> str:
         return f"{what}: no statistic (constant or too few runs)"
     if p < 0.05:
         shown = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
-        return f"{what} {'increases' if rho > 0 else 'decreases'} with k (rho = {rho:+.2f}, {shown})"
-    return f"{what} shows no monotone trend in k (rho = {rho:+.2f}, p = {p:.2f})"
+        return f"{what} {'increases' if rho > 0 else 'decreases'} with k (Spearman's ρ = {rho:+.2f}, {shown})"
+    return f"{what} shows no monotone trend in k (Spearman's ρ = {rho:+.2f}, p = {p:.2f})"
 
 
 def concentration(runs: list[dict]) -> tuple[list[tuple[str, float]], float]:
-    """Stages by mean relative change over all runs (largest first) and rho(depth, change)."""
+    """Stages by mean relative change over all runs (largest first) and Spearman's ρ(depth, change)."""
     names = stages(runs)
     means = [(s, _mean(r.get(f"layer_change/{s}") for r in runs) or 0.0) for s in names]
     rho, _ = spearman(list(range(len(names))), [m for _, m in means])
@@ -127,11 +135,11 @@ def markdown(rows: list[dict], images: list[str]) -> str:
         per_stage = ", ".join(f"{st} {trend(runs, lambda r, st=st: r.get(f'layer_change/{st}'))[0]:+.2f}"
                               for st in stages(runs))
         lines += ["", f"- {verdict(*trend(runs, lambda r: r.get('weight_change')), 'Weight change')}.",
-                  f"- Per stage, rho(k, change): {per_stage}.",
+                  f"- Per stage, Spearman's ρ(k, change): {per_stage}.",
                   f"- {verdict(*trend(runs, lambda r: mean_shift(r, 'feature_shift_retain')), 'Feature shift on retained classes')}.",
                   f"- {verdict(*trend(runs, lambda r: mean_shift(r, 'feature_shift_forget')), 'Feature shift on forgotten classes')}.",
                   f"- Where: the largest relative change is in {top}; the smallest in {low[0]} ({100 * low[1]:.2f} %). "
-                  f"Change {fade}" + ("." if math.isnan(depth_rho) else f" (rho(depth, change) = {depth_rho:+.2f})."),
+                  f"Change {fade}" + ("." if math.isnan(depth_rho) else f" (Spearman's ρ(depth, change) = {depth_rho:+.2f})."),
                   ]
         if shift_small is not None:
             lines.append(f"- At the smallest k = {min(by_k(runs))} the largest feature shift of any stage on "
@@ -224,7 +232,7 @@ def _save(plt, fig, path: Path) -> Path:
 
 def upload(rows: list[dict], sweep_dir: Path, images: list[Path], title: str) -> None:
     """One W&B run (job_type `report`, group = the sweep's name, as its runs): the summary table,
-    Spearman's rho per method, and the plots. Offline unless WANDB_MODE=online; files under
+    Spearman's ρ per method, and the plots. Offline unless WANDB_MODE=online; files under
     `sweep_dir/wandb/` (`wandb sync` uploads them later)."""
     import wandb
 

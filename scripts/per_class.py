@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from mu_runner.metrics.suite import predict
+from mu_runner.metrics.scoring import predict
 from mu_runner.run import build
 
 logging.disable(logging.WARNING)

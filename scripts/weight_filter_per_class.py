@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from mu_runner.metrics.suite import predict
+from mu_runner.metrics.scoring import predict
 from mu_runner.run import build
 
 seed = int(sys.argv[1]) if len(sys.argv) > 1 else 0

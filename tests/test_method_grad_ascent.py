@@ -108,7 +108,7 @@ def test_stop_rule_ends_the_run_before_the_step_that_would_pass_the_target(tiny,
 
 
 def test_stop_rule_for_samples_is_the_originals_validation_accuracy(tiny, shared_cache):
-    from mu_runner.metrics.suite import accuracy_on
+    from mu_runner.metrics.scoring import accuracy_on
     stage = build(tiny("method=grad_ascent", "forget=random", "method.epochs=3", "reference=none",
                        f"paths.cache_dir={shared_cache}"))
     val = stage.data.val

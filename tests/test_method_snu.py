@@ -31,7 +31,7 @@ def fit(shared_cache, tmp, *overrides):
 def fitted(shared_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("snu")
     stage, loaders = fit(shared_cache, tmp, "forget.k=3", f"method.retain_per_class={N_R}", "method.gradcam_samples=4")
-    write_outputs(stage, Path(stage.cfg.paths.output_dir))
+    write_outputs(stage, stage.evaluate(), Path(stage.cfg.paths.output_dir))
     return stage, loaders
 
 

@@ -10,7 +10,7 @@ from mu_runner.data.datamodule import StageData
 from mu_runner.data.loaders import TensorLoader
 from mu_runner.errors import ConfigError
 from mu_runner.methods.weight_filter import FilterTraining
-from mu_runner.metrics.suite import predict
+from mu_runner.metrics.scoring import predict
 from mu_runner.outputs import assemble
 from mu_runner.run import build
 
@@ -118,7 +118,7 @@ def test_unlearned_net_holds_the_filtered_weights_of_the_active_row(fitted):
             assert torch.equal(p, original[n]), n
     x = stage.data.test_images[:64].float().div(255)
     torch.testing.assert_close(net.eval()(x), filt.eval()(x), rtol=1e-4, atol=1e-4)
-    m = assemble(stage)
+    m = assemble(stage, stage.evaluate())
     assert m["prep_seconds"] == stage.module.prep_seconds and m["prep_cached"] is False
     assert m["layer_change"]["fc"] == 0 and m["layer_change"]["layer1"] > 0
 

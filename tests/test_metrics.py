@@ -15,7 +15,14 @@ from mu_runner.data.datamodule import InMemoryData
 from mu_runner.data.forget import ForgetSplit, class_split
 from mu_runner.data.sources import ImageSet, Source
 from mu_runner.metrics import functional as MF
-from mu_runner.metrics.suite import evaluate, feature_shift, stage_features, stratified_subset
+from mu_runner.evaluation import Evaluator
+from mu_runner.evaluation.features import feature_shift, stage_features
+from mu_runner.metrics.scoring import stratified_subset
+
+
+def evaluate(net, data, split, **settings):
+    """The one evaluator's metric suite, as every model of a run is scored."""
+    return Evaluator(data, split, settings).score(net)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -187,8 +194,69 @@ def test_mia_none_for_empty_target_or_shadow():
 
 def test_mia_same_seed_same_value():
     target = _uniform(100, 0.4, 0.95, 16)
-    assert MF.mia_efficacy(MEMBERS, NON_MEMBERS, target, seed=3) == \
-        MF.mia_efficacy(MEMBERS, NON_MEMBERS, target, seed=3)
+    assert MF.mia_efficacy(MEMBERS, NON_MEMBERS, target, seed=3, draws=1) == \
+        MF.mia_efficacy(MEMBERS, NON_MEMBERS, target, seed=3, draws=1)
+
+
+@pytest.mark.parametrize("draws", [0, 1, 5])
+def test_mia_known_answers_hold_for_every_fitting_mode(draws):
+    assert MF.mia_efficacy(MEMBERS, NON_MEMBERS, _uniform(100, 0.0, 0.5, 12), draws=draws) > 0.9
+    assert MF.mia_efficacy(MEMBERS, NON_MEMBERS, _uniform(100, 0.9, 1.0, 13), draws=draws) < 0.1
+
+
+def _same_distribution(seed: int):
+    """Members and non-members from one distribution (a model that does not overfit), unequal sizes."""
+    return _uniform(900, 0.5, 1.0, seed), _uniform(300, 0.5, 1.0, seed + 1), _uniform(150, 0.5, 1.0, seed + 2)
+
+
+def test_stable_mia_on_identical_distributions_is_about_half_and_ignores_the_seed():
+    members, nonmembers, target = _same_distribution(20)
+    values = [MF.mia_efficacy(members, nonmembers, target, seed=s) for s in range(20)]
+    assert max(values) == min(values)  # no draw: the seed cannot move it
+    assert 0.3 <= values[0] <= 0.7  # balanced class weights: no side favoured by its size
+
+
+def test_salun_single_draw_moves_with_the_seed_where_the_stable_fit_does_not():
+    # the failure the stable fit removes: on indistinguishable sides one draw decides the verdict
+    members, nonmembers, target = _same_distribution(30)
+    drawn = [MF.mia_efficacy(members, nonmembers, target, seed=s, draws=1) for s in range(20)]
+    assert max(drawn) - min(drawn) > 0.05
+
+
+def test_mia_unbalanced_sides_without_class_weights_would_call_everything_a_member():
+    # 900 members vs 300 non-members from one distribution: an unweighted SVC says "member" nearly
+    # everywhere; the balanced fit must not (this is why class_weight="balanced")
+    members, nonmembers, target = _same_distribution(40)
+    assert MF.mia_efficacy(members, nonmembers, target) > 0.25
+
+
+def test_mia_quantile_summary_keeps_the_verdict_on_large_sides():
+    big_in, big_out = _uniform(20000, 0.9, 1.0, 50), _uniform(20000, 0.0, 0.5, 51)
+    assert MF.mia_efficacy(big_in, big_out, _uniform(100, 0.0, 0.5, 52), max_samples=500) > 0.9
+    q = MF.quantiles(torch.arange(1000.0), 10)
+    assert q.tolist() == [50.0, 150.0, 250.0, 350.0, 450.0, 550.0, 650.0, 750.0, 850.0, 950.0]
+
+
+def test_roc_auc_known_values():
+    assert MF.roc_auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert MF.roc_auc(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])) == 0.0
+    assert MF.roc_auc(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 4.0])) == 0.25
+    assert MF.roc_auc(torch.ones(5), torch.ones(7)) == 0.5  # ties count half
+    assert MF.roc_auc(torch.empty(0), torch.ones(3)) is None
+
+
+def test_auc_standard_error_known_value_and_shrinks_with_n():
+    # Hanley & McNeil at AUC 0.5: Q1 = 1/3, Q2 = 1/3 -> var = (0.25 + (m-1)/12 + (n-1)/12) / (m n)
+    assert MF.auc_standard_error(0.5, 10, 10) == pytest.approx(math.sqrt((0.25 + 18 / 12) / 100))
+    assert MF.auc_standard_error(0.5, 1000, 1000) < MF.auc_standard_error(0.5, 10, 10)
+
+
+def test_tpr_at_fpr_known_values():
+    members = torch.tensor([10.0, 9.0, 0.985, 0.5])
+    nonmembers = torch.arange(100.0) / 100  # 0.00 .. 0.99
+    assert MF.tpr_at_fpr(members, nonmembers, 0.0) == 0.5  # above every non-member: 2 of 4
+    assert MF.tpr_at_fpr(members, nonmembers, 0.01) == 0.75  # threshold 0.985 lets 0.99 by
+    assert MF.tpr_at_fpr(members, nonmembers, 0.5) == 1.0
 
 
 # --------------------------------------------------------------------------- entropy
@@ -359,7 +427,7 @@ def data():
 def test_evaluate_oracle_scores_perfectly(data):
     split = class_split(data.labels, data.pool, [2])
     out = evaluate(Oracle(), data, split)
-    assert set(out) == {"forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy",
+    assert set(out) == {"forget_acc", "retain_acc", "test_acc", "test_forget_acc", "mia_efficacy", "mia_auc",
                         "mia_loss_acc", "forget_score", "nomus"}
     assert out["forget_acc"] == out["retain_acc"] == out["test_acc"] == out["test_forget_acc"] == 1.0
 
@@ -436,7 +504,8 @@ class OracleFeatures(Oracle):
 
 
 def test_probe_forget_acc_reads_the_forgotten_classes_on_a_held_out_half(data):
-    from mu_runner.metrics.suite import half_split, probe_forget_acc
+    from mu_runner.evaluation.features import probe_forget_acc
+    from mu_runner.metrics.scoring import half_split
 
     fit, score = half_split(data.test_labels, seed=0)
     assert len(set(fit.tolist()) & set(score.tolist())) == 0 and len(fit) + len(score) == len(data.test_labels)
@@ -448,7 +517,7 @@ def test_probe_forget_acc_reads_the_forgotten_classes_on_a_held_out_half(data):
 
 
 def test_shift_subsets_separate_forget_and_retain_images(data):
-    from mu_runner.metrics.suite import shift_subsets
+    from mu_runner.evaluation.features import shift_subsets
 
     split = class_split(data.labels, data.pool, [1])
     sub = shift_subsets(data, split, n=100)

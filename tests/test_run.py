@@ -68,7 +68,7 @@ def test_saved_model_reloads_to_the_same_predictions(tiny):
     cfg = tiny("save_model=true")
     stage = R.build(cfg)
     stage.fit()
-    R.write_outputs(stage, Path(cfg.paths.output_dir))
+    R.write_outputs(stage, stage.evaluate(), Path(cfg.paths.output_dir))
     net = R.new_net(cfg, stage.data)
     R.load_weights(net, load_file(Path(cfg.paths.output_dir) / "model.safetensors"), "model")
     x = stage.data.test_images[:32].float() / 255
@@ -154,7 +154,7 @@ def test_original_method_is_bit_identical_with_no_optimizer_step(tiny, monkeypat
     assert steps == [] and stage.trainer.global_step == 0
     orig = stage.original.state_dict()
     assert all(torch.equal(v, orig[k]) for k, v in stage.module.net.state_dict().items())
-    m = R.write_outputs(stage, Path(stage.cfg.paths.output_dir))
+    m = R.write_outputs(stage, stage.evaluate(), Path(stage.cfg.paths.output_dir))
     assert all(v == 0.0 for v in m["layer_change"].values())
     assert all(abs(v) < 1e-9 for v in m["feature_shift"].values())
     assert m["weight_change"] == 0.0
@@ -227,7 +227,7 @@ def test_random_sample_forgetting(tiny):
     assert stage.split.classes is None
     assert len(stage.split.forget) == round(0.1 * len(stage.data.pool))
     stage.fit()
-    m = R.write_outputs(stage, Path(stage.cfg.paths.output_dir))
+    m = R.write_outputs(stage, stage.evaluate(), Path(stage.cfg.paths.output_dir))
     assert m["test_forget_acc"] is None and m["forget_classes"] is None
     assert m["avg_gap"] is not None
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import batchnorm_eval, negative_cross_entropy
-from mu_runner.metrics.suite import accuracy_on
+from mu_runner.metrics.scoring import accuracy_on
 
 BN_MODES = ("eval", "train")
 

@@ -28,7 +28,7 @@ from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import (batchnorm_eval, freeze_except, nearest_wrong_labels,
                                           random_other_labels, under)
-from mu_runner.metrics.suite import scoring
+from mu_runner.metrics.scoring import scoring
 
 log = logging.getLogger("mu_runner")
 RELABEL = ("random_other", "nearest_wrong")

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import frozen_copy, random_other_labels
-from mu_runner.metrics.suite import scoring, stratified_subset
+from mu_runner.metrics.scoring import scoring, stratified_subset
 
 log = logging.getLogger("mu_runner")
 NOISE_MODES = ("error_max", "gaussian_on_forget")

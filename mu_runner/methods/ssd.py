@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import OneShotModule
 from mu_runner.methods.functional import Candidate, walk_grid
-from mu_runner.metrics.suite import accuracy_on
+from mu_runner.metrics.scoring import accuracy_on
 
 
 def importances(net: nn.Module, batches) -> dict[str, Tensor]:
