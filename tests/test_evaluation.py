@@ -60,6 +60,7 @@ def test_umia_lira_through_run_scores_every_model_and_caches_its_shadows(tiny, t
         assert 0.0 <= scores["umia_auc"] <= 1.0 and scores["umia_auc_se"] > 0
         assert scores["umia_n_forget"] == metrics["n_forget"]
     assert metrics["cache_hits"]["shadows"] is False
+    assert set(metrics) - readme_keys() == set()  # the umia_* keys are documented too
     per_example = json.loads((Path(cfg.paths.output_dir) / "umia_scores.json").read_text())
     assert len(per_example["unlearned"]["forget"]) == metrics["n_forget"]
     assert len(list(Path(cfg.paths.cache_dir).glob("shadow/*.safetensors"))) == 2
@@ -69,6 +70,23 @@ def test_umia_lira_through_run_scores_every_model_and_caches_its_shadows(tiny, t
     second = json.loads((tmp_path / "second" / "metrics.json").read_text())
     assert second["cache_hits"]["shadows"] is True  # shared across methods: trained once
     assert again["original/umia_auc"] == pytest.approx(m["original/umia_auc"])
+
+
+def readme_keys() -> set[str]:
+    """The keys of README.md's metrics.json table (first column, in backticks)."""
+    import re
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## metrics.json"):text.index("## Adding a method")]
+    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    return {k for row in rows for k in re.findall(r"`([a-z_0-9]+)`", row)}
+
+
+def test_every_metrics_json_key_is_documented_in_the_readme(fitted):
+    from mu_runner.outputs import assemble
+    m = assemble(fitted, fitted.evaluate())
+    assert set(m) - readme_keys() == set()
+    assert {"method_config", "forget_kind", "prep_cached", "eval_seconds_during_unlearning", "epochs_run",
+            "cache_hits", "acc_gap", "mia_auc", "git_commit"} <= set(m)
 
 
 def test_metrics_json_names_the_code_and_settings_that_made_it(fitted, tmp_path):

@@ -22,6 +22,19 @@ def test_membership_puts_every_example_in_exactly_half_the_shadows():
     assert torch.equal(m, membership(8, 500, seed=3)) and not torch.equal(m, membership(8, 500, seed=4))
 
 
+@pytest.mark.parametrize("fraction, ins", [(0.75, 12), (0.99, 15), (0.01, 1)])
+def test_membership_follows_the_pool_share_and_keeps_in_and_out_shadows(fraction, ins):
+    assert (membership(16, 300, seed=0, fraction=fraction).sum(0) == ins).all()
+
+
+def test_the_universe_is_the_pool_then_the_test_images():
+    data = InMemoryData(_noise_source(), val_fraction=0.25, split_seed=0, augment={})
+    u = LiRA.universe(data)
+    n = len(data.pool)
+    assert torch.equal(u.images[:n], data.images[data.pool]) and torch.equal(u.images[n:], data.test_images)
+    assert torch.equal(u.labels[n:], data.test_labels) and len(u.labels) == n + len(data.test_labels)
+
+
 def test_logit_confidence_is_the_true_class_logit_against_the_others():
     class Fixed(nn.Module):
         def __init__(self):

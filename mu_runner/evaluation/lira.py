@@ -5,8 +5,11 @@ Privacy" (arXiv 2403.01218, 2024), built on LiRA (Carlini et al., "Membership In
 From First Principles", IEEE S&P 2022, arXiv 2112.03570).
 
 Shadows: S models trained with the original's recipe (`train`, same backbone) on seeded random
-halves of every image of the dataset (training images, validation images and test images), so
-that each image is in exactly S/2 shadows (Carlini et al.'s balanced design). Each shadow is cached
+subsets of the attack's universe, the training pool and the test images (validation images are
+left out), each subset as large as the original's training set, so that a shadow sees as many
+images as the model it imitates. Every image is in exactly round(S·p) shadows, p = |pool| /
+|universe| (Carlini et al.'s balanced design; p = 1/2 when the pool and the test set are equally
+large, as in experiment=privacy). Each shadow is cached
 like an original (keyed by recipe, S, the halves' seed and its index), holding only what the
 attack needs: its logit-scaled confidence on every image and which images it trained on. A sweep
 pays for them once: they do not depend on the forget set or on the method.
@@ -49,11 +52,13 @@ log = logging.getLogger("mu_runner")
 FPRS = (0.01, 0.05)
 
 
-def membership(shadows: int, n: int, seed: int) -> Tensor:
-    """A [shadows, n] bool matrix in which every column has exactly shadows/2 True (seeded)."""
+def membership(shadows: int, n: int, seed: int, fraction: float = 0.5) -> Tensor:
+    """A [shadows, n] bool matrix in which every column has exactly round(shadows * fraction)
+    True (at least one, at most shadows - 1: every example has IN and OUT shadows), seeded."""
+    k = min(max(round(shadows * fraction), 1), shadows - 1)
     gen = torch.Generator().manual_seed(int(seed))
     ranks = torch.rand(shadows, n, generator=gen).argsort(0).argsort(0)
-    return ranks < shadows // 2
+    return ranks < k
 
 
 def logit_confidence(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1024) -> Tensor:
@@ -105,14 +110,16 @@ class LiRA:
     def __init__(self, data: InMemoryData, split: ForgetSplit, shadow_phi: Tensor, in_mask: Tensor) -> None:
         self.data, self.split = data, split
         self.shadow_phi, self.in_mask = shadow_phi, in_mask
-        self.n_train = len(data.labels)
+        self.n_pool = len(data.pool)
 
     @staticmethod
     def universe(data: InMemoryData) -> InMemoryData:
-        """A view of `data` whose images are train + test images (ids n_train.. are test images)."""
+        """A view of `data` whose images are the pool's then the test images (ids < |pool| are
+        pool positions, ids >= |pool| test images)."""
         view = copy.copy(data)
-        view.images = torch.cat([data.images, data.test_images.to(data.images.device)])
-        view.labels = torch.cat([data.labels, data.test_labels.to(data.labels.device)])
+        pool = data.pool.to(data.images.device)
+        view.images = torch.cat([data.images[pool], data.test_images.to(data.images.device)])
+        view.labels = torch.cat([data.labels[pool.to(data.labels.device)], data.test_labels.to(data.labels.device)])
         return view
 
     @classmethod
@@ -121,7 +128,7 @@ class LiRA:
         """Train (or read from the cache) the S shadows; `fit(s, ids, universe)` trains shadow s
         on `universe` images `ids` and returns the network. Returns (attack, cache hit per shadow)."""
         universe = cls.universe(data)
-        mask = membership(shadows, len(universe.labels), seed)
+        mask = membership(shadows, len(universe.labels), seed, len(data.pool) / len(universe.labels))
         phis, hits = [], []
         for s in range(shadows):
             spec = {"kind": "shadow", **recipe, "shadows": shadows, "lira_seed": int(seed), "index": s}
@@ -143,7 +150,8 @@ class LiRA:
         test_labels = self.data.test_labels.cpu()
         unseen = (torch.isin(test_labels, torch.tensor(self.split.classes)) if self.split.classes is not None
                   else torch.ones_like(test_labels, dtype=torch.bool))
-        return self.split.forget.cpu(), unseen.nonzero().flatten() + self.n_train
+        forget = torch.searchsorted(self.data.pool.cpu(), self.split.forget.cpu())  # pool positions
+        return forget, unseen.nonzero().flatten() + self.n_pool
 
     def attack(self, models: dict[str, nn.Module]) -> tuple[dict, dict]:
         """({model: summary}, per-example scores for the file beside metrics.json)."""
@@ -151,8 +159,8 @@ class LiRA:
         ids = torch.cat([forget, unseen])
         universe = self.universe(self.data)
         dev_ids = ids.to(universe.images.device)
-        summaries, per_example = {}, {"forget_ids": forget.tolist(),
-                                      "unseen_test_ids": (unseen - self.n_train).tolist()}
+        summaries, per_example = {}, {"forget_ids": self.split.forget.cpu().tolist(),
+                                      "unseen_test_ids": (unseen - self.n_pool).tolist()}
         for name, net in models.items():
             phi = logit_confidence(net, universe.images[dev_ids], universe.labels[dev_ids])
             scores = lira_scores(phi, self.shadow_phi[:, ids], self.in_mask[:, ids])
