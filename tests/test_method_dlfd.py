@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from conftest import TINY, compose_config
 
 from mu_runner.errors import ConfigError
-from mu_runner.methods.dlfd import DLFD, embed, ot_distance, pgd_delta
+from mu_runner.methods.dlfd import DLFD, chance_level, embed, ot_distance, pgd_delta
 from mu_runner.methods.functional import sinkhorn_plan
 from mu_runner.metrics import functional as MF
-from mu_runner.metrics.suite import predict
+from mu_runner.metrics.scoring import predict
 from mu_runner.models import build_classifier
 from mu_runner.run import build, make_method
 
@@ -21,8 +21,13 @@ FAST = ("reference=none", "callbacks.eval_every_n_epochs=0", "method.pgd_steps=2
         "method.forget_batch_size=16", "method.monitor_every=4")
 
 
-def _fit(shared_cache, tmp, *overrides):
-    """A fitted tiny stage, with every CE call, perturbed batch and monitor call recorded."""
+def _fit(shared_cache, tmp, *overrides, forget_scores: list[float] | None = None):
+    """A fitted tiny stage, with every CE call, perturbed batch and monitor call recorded.
+
+    `forget_scores`: the FS each monitor call measures, in order (the loss-MIA is replaced), so that
+    the stopping rule can be tested at known scores; digits' models hardly overfit and their real FS
+    stays at chance.
+    """
     log = {"ce_targets": [], "perturbed": [], "x_star": [], "monitor_modes": [], "steps": 0}
     real_ce, real_perturbed, real_monitor, real_step = F.cross_entropy, DLFD.perturbed, DLFD.monitor, torch.optim.SGD.step
 
@@ -51,6 +56,9 @@ def _fit(shared_cache, tmp, *overrides):
         mp.setattr(DLFD, "perturbed", perturbed)
         mp.setattr(DLFD, "monitor", monitor)
         mp.setattr(torch.optim.SGD, "step", step)
+        if forget_scores is not None:
+            scores = iter(forget_scores)
+            mp.setattr(MF, "mia_loss_acc", lambda *a, **k: 0.5 + next(scores))
         stage.fit()
     return stage, log
 
@@ -95,6 +103,8 @@ def test_perturbation_follows_the_monitor(classwise):
                 if [r for r in history if r["step"] <= s][-1]["perturbing"]]
     assert log["perturbed"] == expected and expected  # perturbed exactly while the monitor said so
     assert len(expected) < stage.trainer.global_step  # ... and no longer once the class was forgotten
+    assert stage.module.choices() == {"acc_threshold": 0.15, "perturbed_steps": len(expected),
+                                      "selected_step": stage.module.selected_step}
 
 
 def _assert_best_qualifying_state_restored(module, qualifies):
@@ -119,7 +129,8 @@ def test_retain_weight_goes_linearly_from_w_r0_to_w_r1(classwise):
 
 
 def test_evaluate_reports_loss_mia_forget_score_and_nomus(classwise):
-    after = classwise[0].evaluation.after
+    stage = classwise[0]
+    after = stage.evaluator.score(stage.module.net)  # the scores metrics.json carries for the unlearned model
     assert 0 <= after["forget_score"] <= 0.5
     assert after["forget_score"] == abs(after["mia_loss_acc"] - 0.5)
     assert after["nomus"] == pytest.approx(0.5 * (after["test_acc"] + 1 - 2 * after["forget_score"]))
@@ -127,20 +138,49 @@ def test_evaluate_reports_loss_mia_forget_score_and_nomus(classwise):
 
 @pytest.fixture(scope="module")
 def samplewise(shared_cache, tmp_path_factory):
-    # FS <= 0.5 always: with fs_threshold 0.51 the stopping rule holds from the start
+    # FS <= 0.5 always: with fs_threshold 12 sigma (0.53 for n = 130) the stopping rule holds from the start
     return _fit(shared_cache, tmp_path_factory.mktemp("dlfd_r"), "forget=random", "forget.fraction=0.1",
-                "method.fs_threshold=0.51")
+                "method.fs_threshold=12")
 
 
 def test_sample_forgetting_with_low_forget_score_never_perturbs(samplewise):
     stage, log = samplewise
     assert log["perturbed"] == [] and stage.trainer.global_step > 0
     assert all(not r["perturbing"] for r in stage.module.history)
+    assert stage.module.choices()["perturbed_steps"] == 0
 
 
 def test_samplewise_restores_the_best_validation_state_with_low_forget_score(samplewise):
     module = samplewise[0].module
-    _assert_best_qualifying_state_restored(module, lambda r: r["forget_score"] <= module.fs_max)
+    _assert_best_qualifying_state_restored(module, lambda r: r["forget_score"] <= module.fs_limits[1])
+
+
+def test_thresholds_are_multiples_of_the_chance_level_of_the_monitored_sets(samplewise):
+    module = samplewise[0].module
+    n = min(len(module.sets["forget"]), len(module.sets["unseen"]))
+    assert n == 130 and chance_level(n) == pytest.approx(0.5 / math.sqrt(130))  # 10 % of digits' pool; 143 val
+    assert module.fs_units == "chance" and module.fs_limits == (12 * chance_level(130), module.fs_max * chance_level(130))
+    assert chance_level(300) == pytest.approx(0.5 / math.sqrt(300))
+
+
+# FS measured at steps 0, 4, 8, 12, 16, 19 (random 10 %: 19 retain batches of 64); in chance units
+# (sigma = 0.0439 for n = 130) 2.73, 2.28, 1.37, 0.68, ... : above the card's nothing, above 2 sigma twice
+DECLINING = [0.12, 0.10, 0.06, 0.03, 0.02, 0.02]
+
+
+def test_recalibrated_thresholds_perturb_where_the_cards_absolute_ones_did_not(shared_cache, tmp_path):
+    new, new_log = _fit(shared_cache, tmp_path / "new", "forget=random", "forget.fraction=0.1",
+                        forget_scores=DECLINING)
+    old, old_log = _fit(shared_cache, tmp_path / "old", "forget=random", "forget.fraction=0.1",
+                        "method.fs_units=absolute", "method.fs_threshold=0.15", "method.fs_max=0.09",
+                        forget_scores=DECLINING)
+    threshold, fs_max = new.module.fs_limits
+    assert 0.06 < threshold <= 0.10 and fs_max < 0.06  # the yaml's 2 and 1 sigma: below the card's 0.15 / 0.09
+    assert [r["step"] for r in new.module.history] == [0, 4, 8, 12, 16, 19]
+    assert new_log["perturbed"] == list(range(8))  # until the monitor at step 8 measured FS < threshold
+    assert new.module.choices()["perturbed_steps"] == 8
+    assert old_log["perturbed"] == [] and old.module.choices() == {
+        "fs_threshold": 0.15, "fs_max": 0.09, "perturbed_steps": 0, "selected_step": old.module.selected_step}
 
 
 # --------------------------------------------------------------------------- PGD and OT
@@ -261,7 +301,7 @@ def test_nomus_formula(ta, fs, expected):
 
 
 @pytest.mark.parametrize("key, value", [("feature", "pixels"), ("epsilon", 1.5), ("monitor_samples", 5),
-                                        ("pgd_steps", -1), ("sinkhorn_epsilon", 0)])
+                                        ("pgd_steps", -1), ("sinkhorn_epsilon", 0), ("fs_units", "sigma")])
 def test_impossible_values_are_config_errors(tiny, key, value):
     with pytest.raises(ConfigError, match=rf"method\.{key}="):
         make_method(tiny("method=dlfd", f"method.{key}={value}"), net=None)

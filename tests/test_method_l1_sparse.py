@@ -1,4 +1,4 @@
-"""l1_sparse: γ₀ = 0 is finetune bit for bit, γ_e follows the linear schedule, weights get sparser."""
+"""l1_sparse: γ₀ = 0 is finetune bit for bit, γ_e follows the linear schedule (constant when E₀ = E), weights get sparser."""
 
 from __future__ import annotations
 
@@ -40,15 +40,24 @@ def test_gamma_schedule_matches_the_formula(tiny):
     assert module.gamma_at(0) == 3e-4 and module.gamma_at(3) == 0.0
 
 
-def test_penalty_is_computed_only_in_the_epochs_before_e_minus_e0(tiny, shared_cache, monkeypatch):
+def test_no_l1_epochs_equal_to_epochs_keeps_gamma0_constant_as_the_authors_code(tiny):
+    """Their FT_iter: `elif unlearn_epochs - no_l1_epochs == 0: current_alpha = alpha` (not finetune)."""
+    module = make_method(tiny("method=l1_sparse", "method.epochs=3", "method.no_l1_epochs=3",
+                              "method.gamma0=3e-4"), net=None)
+    assert [module.gamma_at(e) for e in range(3)] == [3e-4, 3e-4, 3e-4]
+
+
+@pytest.mark.parametrize("no_l1, penalised", [(1, {0}), (2, {0, 1})])
+def test_penalty_is_computed_in_exactly_the_epochs_the_schedule_penalises(tiny, shared_cache, monkeypatch, no_l1,
+                                                                          penalised):
     epochs_with_penalty = []
-    stage = build(tiny("method=l1_sparse", "method.epochs=2", "method.no_l1_epochs=1",
+    stage = build(tiny("method=l1_sparse", "method.epochs=2", f"method.no_l1_epochs={no_l1}",
                        "method.batch_size=256", "+trainer.limit_train_batches=2", "reference=none",
                        f"paths.cache_dir={shared_cache}"))
     monkeypatch.setattr(L1, "l1_norm", lambda params: (
         epochs_with_penalty.append(stage.module.current_epoch), l1_norm(params))[1])
-    stage.fit()
-    assert stage.trainer.current_epoch == 2 and set(epochs_with_penalty) == {0}
+    stage.fit()  # E0 = E (2): the penalty in every epoch, at gamma0, as the authors' code
+    assert stage.trainer.current_epoch == 2 and set(epochs_with_penalty) == penalised
 
 
 def test_penalty_gradient_is_gamma_times_sign_of_the_weights(tiny):

@@ -65,11 +65,12 @@ def test_study_states_the_trend_and_where_change_concentrates(sweep):
     text = study.markdown(rows, ["weight_change_vs_k.png"])
     label = text[text.index("### random_label"):text.index("### weight_reset")]
     reset = text[text.index("### weight_reset"):]
-    # 0.1 k + 0.001 seed: monotone, but the two seeds of each k tie in k -> rho = 0.976 (Pearson of ranks)
-    assert "Weight change increases with k (rho = +0.98, p < 0.001)" in label
-    assert "Weight change decreases with k (rho = -0.98, p < 0.001)" in reset
-    assert "- Per stage, rho(k, change): stem +0.98, layer1 +0.98," in label  # every stage (i+1)·0.01·k + noise
+    # 0.1 k + 0.001 seed: monotone, but the two seeds of each k tie in k -> Spearman's ρ = 0.976 (Pearson of ranks)
+    assert "Weight change increases with k (Spearman's ρ = +0.98, p < 0.001)" in label
+    assert "Weight change decreases with k (Spearman's ρ = -0.98, p < 0.001)" in reset
+    assert "- Per stage, Spearman's ρ(k, change): stem +0.98, layer1 +0.98," in label  # every stage (i+1)·0.01·k + noise
     assert "largest relative change is in fc" in label and "grows from earlier to later stages" in label
+    assert "(Spearman's ρ(depth, change) = +1.00)." in label and "rho" not in text
     assert "is the same in every stage" in reset
     # the k = 2 row: weight change mean of 0.2 and 0.201 -> 20.1 ± 0.1 %; probe 80 % vs retrain's 10 %
     row = next(line for line in label.splitlines() if line.startswith("| 2 |"))

@@ -6,7 +6,9 @@ Networks Using an Incompetent Teacher", AAAI 2023, arXiv:2205.08096.
 T_c = frozen θ_o; T_d = the same architecture re-initialised from `bad_teacher_seed`, frozen (and
 kept as `incompetent` for ZRF); student S = the trained network. U = D_f (tag 1) ∪ a seeded
 ρ-subset of D_r (tag 0); loss KL(q ‖ softmax(S(x)/τ)), batchmean, q = softmax(T_d(x)/τ) on D_f and
-softmax(T_c(x)/τ) on D_r [design: batchmean]. Deviation [design]: U is served as paired batches
+softmax(T_c(x)/τ) on D_r [design: batchmean; the authors' code takes KLDivLoss's element mean
+('mean'), exactly ours / K for K classes: a constant factor, which Adam's step ignores up to its
+ε]. Deviation [design]: U is served as paired batches
 (`forget_batch_size` + `batch_size`, one forward on their concatenation, so BatchNorm sees mixed
 batches as in the paper's shuffled U) rather than one shuffled set. The anchor is "forget": every
 forget sample is seen once per epoch, which is what forgetting needs; the retain subset (itself a

@@ -10,7 +10,11 @@ OT is log-domain Sinkhorn on the cost max(0, 1 − cos) (functional.sinkhorn_pla
 OT target, never a CE target. Every `monitor_every` batches: the forgetting score FS (loss-MIA, D_f
 vs D_val, ≤ `monitor_samples` each, size-balanced) and validation accuracy; perturbing continues
 while FS ≥ τ_FS, and the best-validation state with FS ≤ FS_max is restored at the epoch's end
-(if none qualifies, the last state stays).
+(if none qualifies, the last state stays). `fs_units: chance` [design] reads τ_FS and FS_max as
+multiples of the balanced score's chance level σ_n = 0.5/√n, n = MIA samples a side (under no
+signal FS/σ_n has median ≈ 0.85 and 95th percentile ≈ 2 for n from 30 to 300): the card's absolute
+0.15 / 0.09 were set for the public code's unbalanced score, which sits at the majority rate (0.2347
+on digits whatever the model), so with ours they never let sample forgetting perturb.
 Faults of the public code avoided (METHODS.md pitfalls): OT on the *perturbed* features, not the
 clean ones (`ot_on_clean: true` is the code-faithful mode, where OT gives δ no gradient); pixel
 space [0, 1] (normalisation is inside the model); the monitor restores train mode; FS every k
@@ -40,9 +44,15 @@ from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import sinkhorn_plan
 from mu_runner.metrics import functional as MF
-from mu_runner.metrics.suite import predict, stratified_subset
+from mu_runner.metrics.scoring import predict, stratified_subset
 
 FEATURES = ("penultimate", "logits")
+FS_UNITS = ("absolute", "chance")
+
+
+def chance_level(n: int) -> float:
+    """σ_n = 0.5/√n: the spread of a balanced MIA accuracy at chance with n samples a side."""
+    return 0.5 / max(int(n), 1) ** 0.5
 
 
 @contextmanager
@@ -94,12 +104,14 @@ class DLFD(UnlearningModule):
                  w_f: float = 3.0, w_r0: float = 0.0, w_r1: float = 1.0, pgd_steps: int = 15,
                  step_size: float = 0.09, epsilon: float = 0.3, feature: str = "penultimate",
                  ot_on_clean: bool = False, fs_threshold: float = 0.15, fs_max: float = 0.09,
-                 acc_threshold: float = 0.05, monitor_every: int = 10, monitor_samples: int = 300,
+                 fs_units: str = "absolute", acc_threshold: float = 0.05, monitor_every: int = 10, monitor_samples: int = 300,
                  val_samples: int = 1000, sinkhorn_epsilon: float = 0.01, sinkhorn_iters: int = 50,
                  sinkhorn_tol: float = 1e-3) -> None:
         super().__init__(net, optimizer, scheduler, epochs, batch_size, seed)
         if feature not in FEATURES:
             raise ConfigError(f"method.feature={feature!r}: allowed {', '.join(FEATURES)}")
+        if fs_units not in FS_UNITS:
+            raise ConfigError(f"method.fs_units={fs_units!r}: allowed {', '.join(FS_UNITS)}")
         limits = {"forget_batch_size": (forget_batch_size, forget_batch_size > 0, "> 0"),
                   "w_f": (w_f, w_f >= 0, ">= 0"), "pgd_steps": (pgd_steps, pgd_steps >= 0, ">= 0"),
                   "step_size": (step_size, step_size >= 0, ">= 0"), "epsilon": (epsilon, 0 <= epsilon <= 1, "in [0, 1]"),
@@ -117,6 +129,9 @@ class DLFD(UnlearningModule):
         self.w_f, self.w_r0, self.w_r1 = float(w_f), float(w_r0), float(w_r1)
         self.pgd_steps, self.step_size, self.epsilon = int(pgd_steps), float(step_size), float(epsilon)
         self.fs_threshold, self.fs_max, self.acc_threshold = float(fs_threshold), float(fs_max), float(acc_threshold)
+        self.fs_units = fs_units
+        self.fs_scale = 1.0  # chance units: σ_n of the monitored sets (monitor_sets)
+        self.perturbed_steps = 0
         self.monitor_every, self.monitor_samples, self.val_samples = int(monitor_every), int(monitor_samples), int(val_samples)
         self.sinkhorn = {"epsilon": float(sinkhorn_epsilon), "max_iter": int(sinkhorn_iters), "tol": float(sinkhorn_tol)}
 
@@ -129,6 +144,7 @@ class DLFD(UnlearningModule):
         self.history: list[dict] = []
         self.best: dict[str, Tensor] | None = None
         self.best_acc, self.selected_step = -1.0, None
+        self.perturbed_steps = 0
         self.monitor()  # decides whether the first batches are perturbed
 
     def monitor_sets(self) -> None:
@@ -145,6 +161,20 @@ class DLFD(UnlearningModule):
             return ids[stratified_subset(labels[ids], n, self.seed)]
         self.sets = {"forget": subset(forget, self.monitor_samples), "unseen": subset(unseen, self.monitor_samples),
                      "val": subset(seen, self.val_samples)}
+        n = min(len(self.sets["forget"]), len(self.sets["unseen"]))  # the MIA balances to this
+        self.fs_scale = chance_level(n) if self.fs_units == "chance" else 1.0
+
+    @property
+    def fs_limits(self) -> tuple[float, float]:
+        """(τ_FS, FS_max) on the score's own scale: perturb while FS ≥ τ_FS; states with FS ≤ FS_max qualify."""
+        return self.fs_threshold * self.fs_scale, self.fs_max * self.fs_scale
+
+    def choices(self) -> dict:
+        """The rule's thresholds (FS on its own scale), steps perturbed, the state kept (metrics.json)."""
+        threshold, fs_max = self.fs_limits
+        rule = ({"acc_threshold": self.acc_threshold} if self.datamodule.split.classes is not None
+                else {"fs_threshold": threshold, "fs_max": fs_max})
+        return {**rule, "perturbed_steps": self.perturbed_steps, "selected_step": self.selected_step}
 
     def monitor(self) -> dict:
         """FS, forget and validation accuracy of the current weights; updates `perturbing` and the best state."""
@@ -156,7 +186,8 @@ class DLFD(UnlearningModule):
         fs = 0.5 if mia is None else MF.forget_score(mia)
         acc = {k: MF.accuracy(probs[k].argmax(1), y[k]) for k in ("forget", "val")}
         if classwise is None:  # the card's stopping rule on the forgetting score
-            self.perturbing, qualifies = fs >= self.fs_threshold, fs <= self.fs_max
+            threshold, fs_max = self.fs_limits
+            self.perturbing, qualifies = fs >= threshold, fs <= fs_max
         else:  # [design] class-wise: on forget accuracy (a class-matched FS stays near 0)
             qualifies = acc["forget"] <= self.acc_threshold
             self.perturbing = not qualifies
@@ -189,6 +220,7 @@ class DLFD(UnlearningModule):
         x, y = batch["retain"]
         if self.perturbing:
             x = self.perturbed(x, y, batch["forget"][0])
+            self.perturbed_steps += 1
         return F.cross_entropy(self.net(x), y)
 
     def on_train_batch_end(self, outputs, batch: Batch, batch_idx: int) -> None:

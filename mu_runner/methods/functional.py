@@ -72,14 +72,43 @@ def l1_norm(params: Iterable[Tensor]) -> Tensor:
     return sum(p.abs().sum() for p in params)
 
 
-def top_fraction_mask(scores: dict[str, Tensor], ratio: float, count: int | None = None) -> dict[str, Tensor]:
-    """Boolean masks: True on the round(ratio·N) (or `count`) largest scores of all tensors jointly."""
+def top_fraction_mask(scores: dict[str, Tensor], ratio: float, count: int | None = None, *,
+                      positive_only: bool = False, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Boolean masks: True on the round(ratio·N) (or `count`) largest scores of all tensors jointly.
+
+    Ties at the threshold are broken by flat index (a stable sort) unless `generator` is given:
+    then by a random permutation drawn from it (on the CPU), so that which of equal scores enter
+    depends on the seed, not on where the tensors sit in the parameter order. `positive_only`:
+    scores ≤ 0 never enter, so fewer than round(ratio·N) are True when fewer are positive. Without
+    ties, every variant selects the same set.
+    """
     flat = torch.cat([s.flatten() for s in scores.values()])
+    k = round(ratio * flat.numel()) if count is None else count
+    if positive_only:
+        k = min(k, int((flat > 0).sum()))
     keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    order = torch.sort(flat, descending=True, stable=True).indices  # stable: ties by flat index
-    keep[order[: round(ratio * flat.numel()) if count is None else count]] = True
+    if generator is None:
+        order = torch.sort(flat, descending=True, stable=True).indices  # stable: ties by flat index
+    else:  # shuffle, then a stable sort: equal scores come out in the shuffled order
+        perm = torch.randperm(flat.numel(), generator=generator).to(flat.device)
+        order = perm[torch.sort(flat[perm], descending=True, stable=True).indices]
+    keep[order[:k]] = True
     sizes = [s.numel() for s in scores.values()]
     return {n: m.view_as(s) for (n, s), m in zip(scores.items(), keep.split(sizes))}
+
+
+def threshold_ties(scores: dict[str, Tensor], ratio: float) -> float:
+    """Fraction of all scores equal to the round(ratio·N)-th largest (the selection threshold).
+
+    Near 0 for continuous scores; large when many scores are equal there (e.g. exact zeros of a
+    gradient saliency), which is when the tie-breaking rule of `top_fraction_mask` decides the mask.
+    """
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    k = round(ratio * flat.numel())
+    if k == 0 or flat.numel() == 0:
+        return 0.0
+    threshold = torch.kthvalue(flat, flat.numel() - k + 1).values  # the k-th largest
+    return float((flat == threshold).sum()) / flat.numel()
 
 
 @torch.no_grad()

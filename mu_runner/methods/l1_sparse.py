@@ -5,8 +5,11 @@ NeurIPS 2023, arXiv:2304.04934.
 
 L = CE(x_r, y_r) + γ_e·‖θ‖₁ over every parameter, with γ_e = γ₀·(1 − e/(E − E₀)) for the
 0-based epoch e < E − E₀ and 0 after (the linear schedule of the authors' `unlearn/FT.py`;
-E₀ = `no_l1_epochs`, 0 by default). When γ_e = 0 the penalty is not computed, so γ₀ = 0 is exactly
-`finetune`. "Prune first, then unlearn" is a separate method and not done here.
+E₀ = `no_l1_epochs`, 0 by default). E₀ = E keeps γ_e = γ₀ constant in every epoch, as the authors'
+code does (its `elif unlearn_epochs - no_l1_epochs == 0: current_alpha = alpha`), rather than a
+schedule with no penalty epoch at all, which would be `finetune`. When γ_e = 0 the penalty is not
+computed, so γ₀ = 0 is exactly `finetune`. "Prune first, then unlearn" is a separate method and not
+done here.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ class L1Sparse(UnlearningModule):
         self.gamma0, self.no_l1_epochs = float(gamma0), int(no_l1_epochs)
 
     def gamma_at(self, epoch: int) -> float:
-        """γ_e = γ₀·(1 − e/(E − E₀)) for e < E − E₀, else 0."""
+        """γ_e = γ₀·(1 − e/(E − E₀)) for e < E − E₀, else 0; γ₀ in every epoch when E₀ = E (the authors')."""
         span = self.epochs - self.no_l1_epochs
+        if span == 0:
+            return self.gamma0
         return self.gamma0 * (1 - epoch / span) if epoch < span else 0.0
 
     def unlearning_loss(self, batch: Batch) -> Tensor:

@@ -4,11 +4,16 @@ Fan, Liu, Zhang, Wong, Wei, Liu, "SalUn: Empowering Machine Unlearning via Gradi
 Saliency in Both Image Classification and Generation", ICLR 2024 (spotlight), arXiv:2310.12508.
 
 Mask: s = |Σ_batches ∇θ CE(D_f batch)| at θ_o (eval, no optimizer), ranked over all parameters
-jointly (BN, biases too); m = 1 on the top `mask_ratio` (ties by flat index). Loss: CE(x_f, y'), y'
-fixed, ≠ y and class-wise in C_R, + α·CE(x_r, y_r). `sequential` (CIFAR-10 code): per epoch a pass
-over D_f, then over D_r. `mixed` (CIFAR-100 code mixes D_f' into D_r) [design]: paired batches, the
-forget batch ⌈B·|D_f|/|D_r|⌉ (D_f once per epoch), one forward over both so that BN never sees a
-forget-only batch (that cost 20 points of val accuracy on digits). Masked-out weights stay θ_o
+jointly (BN, biases too); m = 1 on the top `mask_ratio`. Ties [design]: only s > 0 can enter (a zero
+gradient is no saliency), and ties at the threshold value are broken by a permutation seeded with
+`seed`, not by parameter order; with fewer positive saliencies than the ratio asks, m is the positive
+ones. On digits (8×8, ResNet-18: layer4 runs on 1×1 maps, 8 of 9 taps of each 3×3 kernel see only
+padding) 67 % of s are exactly 0, so ratio 0.5 masks 33 %; the fraction masked and the fraction tied
+at the threshold are `method_choices` (`mask_fraction`, `mask_ties`), and a warning is logged when
+more than half are tied. Loss: CE(x_f, y'), y' fixed, ≠ y and class-wise in C_R, + α·CE(x_r, y_r).
+`sequential` (CIFAR-10 code): per epoch a pass over D_f, then over D_r. `mixed` (CIFAR-100 code
+mixes D_f' into D_r) [design]: paired batches, the forget batch ⌈B·|D_f|/|D_r|⌉ (D_f once per
+epoch), one forward over both so that BN never sees a forget-only batch (that cost 20 points of val accuracy on digits). Masked-out weights stay θ_o
 exactly: weight decay and momentum move weights whose gradient is zero, so after every step
 θ ← m⊙θ + (1−m)⊙θ_o and optimizer-state tensors (momentum, Adam moments) are zeroed where m = 0.
 BN running statistics are buffers and move in train mode, as in the authors' code.
@@ -16,6 +21,7 @@ BN running statistics are buffers and move in train mode, as in the authors' cod
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -24,7 +30,15 @@ from torch import Tensor, nn
 
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
-from mu_runner.methods.functional import forget_gradients, pin_, random_other_labels, top_fraction_mask
+from mu_runner.methods.functional import (
+    forget_gradients,
+    pin_,
+    random_other_labels,
+    threshold_ties,
+    top_fraction_mask,
+)
+
+log = logging.getLogger("mu_runner")
 
 SCHEDULES = ("sequential", "mixed")
 
@@ -51,6 +65,8 @@ class SalUn(UnlearningModule):
         self.mask: dict[str, Tensor] = {}  # name -> bool, True where the weight may change
         self.start: dict[str, Tensor] = {}  # θ_o, where every masked-out weight must stay
         self.forget_targets: Tensor | None = None
+        self.mask_fraction: float | None = None  # fraction of all weights the mask lets change
+        self.mask_ties: float | None = None  # fraction of all saliencies equal to the threshold value
 
     @property
     def batch_sizes(self) -> dict[str, int]:
@@ -70,11 +86,28 @@ class SalUn(UnlearningModule):
     def on_train_start(self) -> None:
         dm = self.datamodule
         grads = forget_gradients(self.net, dm.batches("forget"))  # θ_o, eval mode, no optimizer
-        self.mask = top_fraction_mask({n: g.abs() for n, g in grads.items()}, self.mask_ratio)
+        self.mask = self.saliency_mask({n: g.abs() for n, g in grads.items()})
         self.start = {n: p.detach().clone() for n, p in self.net.named_parameters() if n in self.mask}
         labels = dm.data.labels[dm.indices("forget").to(dm.data.labels.device)]
         gen = torch.Generator().manual_seed(self.seed)
         self.forget_targets = random_other_labels(labels, dm.data.num_classes, dm.split.classes, gen).cpu()
+
+    def saliency_mask(self, saliency: dict[str, Tensor]) -> dict[str, Tensor]:
+        """True on the top `mask_ratio` of the saliencies, only positive ones, ties broken under `seed`."""
+        mask = top_fraction_mask(saliency, self.mask_ratio, positive_only=True,
+                                 generator=torch.Generator().manual_seed(self.seed))
+        total = sum(m.numel() for m in mask.values())
+        self.mask_fraction = sum(int(m.sum()) for m in mask.values()) / max(total, 1)
+        self.mask_ties = threshold_ties(saliency, self.mask_ratio)
+        if self.mask_ties > 0.5:
+            log.warning("salun: %.0f %% of the saliencies are tied at the mask threshold; only positive ones "
+                        "enter (ties broken under seed %d): %.1f %% of the weights masked (method.mask_ratio=%s)",
+                        100 * self.mask_ties, self.seed, 100 * self.mask_fraction, self.mask_ratio)
+        return mask
+
+    def choices(self) -> dict:
+        """The fraction of weights actually masked and the fraction tied at the threshold (metrics.json)."""
+        return {"mask_fraction": self.mask_fraction, "mask_ties": self.mask_ties}
 
     def unlearning_loss(self, batch: Batch) -> Tensor:
         """CE(x_f, y') + α·CE(x_r, y_r); the forget y are the relabelled targets the loader serves."""
