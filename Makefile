@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint clean results report study
+.PHONY: setup run test lint clean results report study privacy
 setup: $(STAMP)
 
 # constraints.txt pins torch 2.14.1 + torchvision 0.29.1 (local files) and everything else,
@@ -34,6 +34,13 @@ study: setup
 	$(PY) -m mu_runner experiment=forget_scaling hydra.sweep.dir=$(STUDY_DIR) $(ARGS)
 	$(PY) -m mu_runner.report $(STUDY_DIR) --md docs/study_digits.md \
 		--title "The removed-classes study on digits (ResNet-18, make study)"
+
+# Per-example privacy on digits (train=memorize, eval.umia=lira, every method, seed 0) -> docs/privacy_digits.md
+PRIVACY_DIR ?= outputs/multiruns/privacy
+privacy: setup
+	$(PY) -m mu_runner -m experiment=privacy hydra.sweep.dir=$(PRIVACY_DIR) $(ARGS)
+	$(PY) -m mu_runner.report $(PRIVACY_DIR) --md docs/privacy_digits.md \
+		--title "Per-example privacy on digits (test ResNet, train=memorize, make privacy)"
 
 # A table and plots from any sweep directory: make report DIR=outputs/multiruns/<time>
 report: setup

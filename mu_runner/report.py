@@ -20,7 +20,7 @@ from mu_runner.study import markdown as study_markdown
 from mu_runner.study import mean_std, scaling_groups, upload
 from mu_runner.study import plots as study_plots
 
-COLUMNS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy", "avg_gap", "acc_gap", "nomus",
+COLUMNS = ("forget_acc", "retain_acc", "test_acc", "mia_efficacy", "mia_auc", "avg_gap", "acc_gap", "nomus",
            "unlearn_seconds", "prep_seconds")
 SECONDS = ("unlearn_seconds", "prep_seconds")
 ACCURACIES = ("forget_acc", "retain_acc", "test_acc")
@@ -61,6 +61,7 @@ def load_runs(root: str | Path) -> list[dict]:
         row["acc_gap"] = acc_gap(m)
         row["k"] = len(m["forget_classes"]) if m.get("forget_classes") is not None else None
         row.update({k: m.get(k) for k in ("weight_change", "probe_forget_acc", "head_only_forgetting")})
+        row.update({k: v for k, v in m.items() if k.startswith("umia_")})
         for key in ("layer_change", "feature_shift", "feature_shift_forget", "feature_shift_retain"):
             for name, v in (m.get(key) or {}).items():
                 row[f"{key}/{name}"] = v
@@ -94,12 +95,40 @@ def markdown(rows: list[dict]) -> str:
         if (data, backbone, scen) != current:
             current = (data, backbone, scen)
             lines += ["", f"### {data} / {backbone} / {scen}", "",
-                      "| method | seeds | forget acc % | retain acc % | test acc % | MIA-eff. % | avg gap % "
-                      "| acc gap % | NoMUS % | unlearn s | prep s |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "| method | seeds | forget acc % | retain acc % | test acc % | MIA-eff. % | MIA AUC % "
+                      "| avg gap % | acc gap % | NoMUS % | unlearn s | prep s |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         cells = [_cell([r[k] for r in runs], pct=k not in SECONDS) for k in COLUMNS]
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines).lstrip() + "\n"
+
+
+UMIA = ("umia_auc", "umia_tpr_at_1pct_fpr", "umia_tpr_at_5pct_fpr")
+
+
+def privacy_markdown(rows: list[dict]) -> str:
+    """The per-example attack (eval.umia=lira), where runs have it: AUC of telling the forget set
+    from never-seen images (± its standard error, averaged over seeds), TPR at 1 % / 5 % FPR, for
+    the unlearned model next to the original and the retrained one; 50 % is chance."""
+    rows = [r for r in rows if r.get("umia_auc") is not None]
+    if not rows:
+        return ""
+    lines = ["", "## Per-example attack (U-LiRA style, eval.umia=lira)", "",
+             "AUC of telling the forget set from never-seen images (± Hanley-McNeil standard error), "
+             "TPR at 1 % and 5 % FPR; 50 % is chance, the retrained model's AUC is the target.", "",
+             "| scenario | method | seeds | n forget / unseen | AUC % | TPR@1% | TPR@5% | original AUC % "
+             "| retrain AUC % | train − test acc (original) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (data, backbone, scen, method), runs in group(rows).items():
+        def pct(key: str, runs=runs) -> str:
+            ms = mean_std([r.get(key) for r in runs])
+            return "–" if ms is None else f"{100 * ms[0]:.1f}"
+        se = mean_std([r.get("umia_auc_se") for r in runs])
+        gap = mean_std([(r.get("original/retain_acc") or 0) - (r.get("original/test_acc") or 0) for r in runs])
+        n = f"{runs[0].get('umia_n_forget')} / {runs[0].get('umia_n_unseen')}"
+        lines.append(f"| {scen} | {method} | {len(runs)} | {n} | {pct('umia_auc')} ± {100 * se[0]:.1f} "
+                     f"| {pct('umia_tpr_at_1pct_fpr')} | {pct('umia_tpr_at_5pct_fpr')} | {pct('original/umia_auc')} "
+                     f"| {pct('retrain/umia_auc')} | {100 * gap[0]:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def failures(root: Path) -> str:
@@ -137,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     write_csv(rows, args.dir / "summary.csv")
     head = f"# {args.title}\n\n{len(rows)} runs from `{args.dir}`; mean ± std over seeds.\n\n" + markdown(rows)
-    head += failures(args.dir)
+    head += privacy_markdown(rows) + failures(args.dir)
     plots = study_plots(rows, args.dir) if scaling_groups(rows) else []
     text = head + (("\n" + study_markdown(rows, [p.name for p in plots])) if plots else "")
     (args.dir / "report.md").write_text(text)
