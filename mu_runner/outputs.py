@@ -66,10 +66,10 @@ def provenance() -> dict:
     commit = None
     try:
         git = ["git", "-C", str(root)]
-        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False)
         if head.returncode == 0:
             dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", "mu_runner", "conf"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
+                                   capture_output=True, text=True, timeout=10, check=False).stdout.strip()
             commit = head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass

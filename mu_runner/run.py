@@ -18,8 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mu_runner.cache import Cache
-from mu_runner.callbacks.validation import EpochValidation
 from mu_runner.callbacks.timing import UnlearnTimer
+from mu_runner.callbacks.validation import EpochValidation
 from mu_runner.data import forget as F
 from mu_runner.data.datamodule import InMemoryData, StageData
 from mu_runner.errors import CheckpointError, ConfigError, MuRunnerError

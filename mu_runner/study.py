@@ -13,7 +13,6 @@ import os
 import statistics
 from pathlib import Path
 
-
 STAGE_KEYS = ("layer_change", "feature_shift_retain", "feature_shift_forget")
 ACCS = ("forget_acc", "retain_acc", "test_acc")
 

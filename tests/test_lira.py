@@ -132,7 +132,7 @@ def test_planted_set_a_model_that_never_saw_it_is_at_chance(planted):
 def test_shadows_are_cached_and_a_second_build_trains_none(planted):
     data, split, cache, fit, calls, hits, _, _ = planted
     assert calls == list(range(16)) and hits == [False] * 16
-    lira, again = LiRA.build(data, split, 16, 0, cache, {"recipe": "mlp"}, fit)
+    _, again = LiRA.build(data, split, 16, 0, cache, {"recipe": "mlp"}, fit)
     assert again == [True] * 16 and calls == list(range(16))
     assert len(list(cache.root.glob("shadow/*.safetensors"))) == 16
 

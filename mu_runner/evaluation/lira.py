@@ -124,7 +124,7 @@ class LiRA:
 
     @classmethod
     def build(cls, data: InMemoryData, split: ForgetSplit, shadows: int, seed: int, cache, recipe: dict,
-              fit: Callable[[int, Tensor, InMemoryData], nn.Module]) -> tuple["LiRA", list[bool]]:
+              fit: Callable[[int, Tensor, InMemoryData], nn.Module]) -> tuple[LiRA, list[bool]]:
         """Train (or read from the cache) the S shadows; `fit(s, ids, universe)` trains shadow s
         on `universe` images `ids` and returns the network. Returns (attack, cache hit per shadow)."""
         universe = cls.universe(data)
