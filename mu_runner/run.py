@@ -24,6 +24,7 @@ from mu_runner.data import forget as F
 from mu_runner.data.datamodule import InMemoryData, StageData
 from mu_runner.errors import CheckpointError, ConfigError, MuRunnerError
 from mu_runner.evaluation import EvaluationResult, Evaluator
+from mu_runner.evaluation.evaluator import MIA_FEATURES
 from mu_runner.methods.base import ARTIFACT_PREFIX, OriginalRecipe, UnlearningModule
 from mu_runner.methods.supervised import SupervisedTraining
 from mu_runner.models import Classifier
@@ -253,8 +254,8 @@ EMBEDDINGS = ("tsne", "none")
 def check_eval(cfg: DictConfig) -> None:
     """The `eval` group's choices, before any work."""
     ev = cfg.eval
-    if ev.get("mia", "confidence") not in ("confidence", "entropy"):
-        raise ConfigError(f"eval.mia={ev.mia!r}: allowed confidence, entropy")
+    if ev.get("mia", "confidence") not in MIA_FEATURES:
+        raise ConfigError(f"eval.mia={ev.mia!r}: allowed {', '.join(MIA_FEATURES)}")
     if (ev.get("umia") or "none") not in UMIA:
         raise ConfigError(f"eval.umia={ev.umia!r}: allowed {', '.join(UMIA)}")
     if (ev.get("embedding") or "none") not in EMBEDDINGS:
@@ -263,8 +264,8 @@ def check_eval(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.mia_draws={ev.mia_draws!r}: allowed 0 (all samples, balanced) or a number of draws >= 1")
     if (ev.get("umia") or "none") == "lira":
         s = ev.lira.shadows
-        if not isinstance(s, int) or s < 2 or s % 2:
-            raise ConfigError(f"eval.lira.shadows={s!r}: allowed an even number >= 2 (each example is in half of them)")
+        if not isinstance(s, int) or isinstance(s, bool) or s < 2:
+            raise ConfigError(f"eval.lira.shadows={s!r}: allowed an integer >= 2 (every example needs IN and OUT shadows)")
 
 
 def check_forget_kind(cfg: DictConfig) -> None:

@@ -43,7 +43,7 @@ def test_the_original_and_the_unlearned_model_are_scored_by_the_same_code(fitted
     ("eval.umia=foo", r"eval\.umia='foo': allowed none, lira"),
     ("eval.embedding=foo", r"eval\.embedding='foo': allowed tsne, none"),
     ("eval.mia_draws=-1", r"eval\.mia_draws=-1"),
-    ("eval.lira.shadows=3", r"eval\.lira\.shadows=3: allowed an even number"),
+    ("eval.lira.shadows=1", r"eval\.lira\.shadows=1: allowed an integer >= 2"),
 ])
 def test_bad_eval_settings_fail_before_anything_is_trained(tiny, override, message):
     cfg = tiny(override, *(["eval.umia=lira"] if override.startswith("eval.lira") else []))
