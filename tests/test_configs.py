@@ -113,3 +113,29 @@ def test_unknown_backbone_name_is_a_clear_error(tiny):
     cfg = tiny("backbone.name=resnet_nope")
     with pytest.raises(ConfigError, match=r"backbone.name='resnet_nope'"):
         new_net(cfg, load_data(cfg))
+
+
+def _leaves(node, prefix: str = ""):
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+@pytest.mark.parametrize("experiment", GROUPS["experiment"])
+def test_every_key_an_experiment_sets_reaches_the_composed_config(experiment, tmp_path):
+    # an experiment composed before the primary config's own keys lost eval.umia / save_model silently
+    raw = OmegaConf.to_container(OmegaConf.load(Path(CONF, "experiment", f"{experiment}.yaml")))
+    raw.pop("defaults", None)
+    raw.pop("hydra", None)
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    for key, value in _leaves(raw):
+        assert OmegaConf.select(cfg, key) == value, (experiment, key)
+
+
+def test_experiment_privacy_turns_the_per_example_attack_on(tmp_path):
+    cfg = compose_config(["experiment=privacy"], tmp_path)
+    assert (cfg.eval.umia, cfg.train.epochs, cfg.data.augment.pad, cfg.save_model) == ("lira", 30, 0, False)
+    assert compose_config(["experiment=privacy", "eval.umia=none"], tmp_path).eval.umia == "none"  # CLI wins
