@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from mu_runner.data.datamodule import InMemoryData
 from mu_runner.data.forget import ForgetSplit
+from mu_runner.errors import ConfigError
 from mu_runner.evaluation.features import feature_shift, probe_forget_acc, shift_subsets
 from mu_runner.metrics import functional as MF
 from mu_runner.metrics.scoring import predict, stratified_subset
@@ -33,7 +34,6 @@ class EvaluationResult:
     privacy: dict | None = None
     per_example: dict | None = None
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def mia_feature(probs: Tensor, labels: Tensor, kind: str) -> Tensor:
@@ -56,7 +56,6 @@ class Evaluator:
         self.data, self.split, self.seed = data, split, int(seed)
         self.mia = str(settings.get("mia", "confidence"))
         if self.mia not in MIA_FEATURES:
-            from mu_runner.errors import ConfigError
             raise ConfigError(f"eval.mia={self.mia!r}: allowed {', '.join(MIA_FEATURES)}")
         mia_seed = settings.get("mia_seed")
         self.mia_seed = self.seed if mia_seed is None else int(mia_seed)
