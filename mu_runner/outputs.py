@@ -100,7 +100,7 @@ def write_outputs(stage, result: EvaluationResult, out: Path) -> dict:
             stage.module.write_artifacts(out)
         if stage.cfg.eval.get("embedding", "none") == "tsne":
             write_embedding(stage, out)
-    except Exception as err:  # a plot must never cost a finished run
+    except Exception as err:  # noqa: BLE001 - a plot must never cost a finished run
         log.warning("plots skipped: %s", err)
     _log_images(stage, out)
     if result.per_example is not None:  # the per-example attack's scores, beside metrics.json
@@ -141,7 +141,7 @@ def _yaml_name(cfg) -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
         return HydraConfig.get().runtime.choices["method"]
-    except Exception:
+    except (ValueError, KeyError, ImportError):  # no Hydra run (tests, scripts): name from the module
         return cfg.method._target_.rsplit(".", 2)[-2]
 
 
@@ -168,9 +168,9 @@ def _fmt(v) -> str:
 def summary_table(m: dict) -> str:
     """A short table: original vs unlearned vs retrained."""
     rows = [("original", m["original"]), ("unlearned", m), ("retrained", m["retrain"])]
-    lines = [f"{m['method']} on {m['data']}/{m['backbone']}, forget "
+    lines = [(f"{m['method']} on {m['data']}/{m['backbone']}, forget "
              f"{m['forget_classes'] if m['forget_classes'] is not None else str(m['n_forget']) + ' samples'}"
-             f" (seed {m['seed']})",
+             f" (seed {m['seed']})"),
              f"{'model':<10} {'forget':>6} {'retain':>6} {'test':>6} {'t_fgt':>6} {'MIA':>6} {'NoMUS':>6} {'gap':>6}"]
     for name, s in rows:
         if s is None:

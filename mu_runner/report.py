@@ -95,8 +95,8 @@ def markdown(rows: list[dict]) -> str:
         if (data, backbone, scen) != current:
             current = (data, backbone, scen)
             lines += ["", f"### {data} / {backbone} / {scen}", "",
-                      "| method | seeds | forget acc % | retain acc % | test acc % | MIA-eff. % | MIA AUC % "
-                      "| avg gap % | acc gap % | NoMUS % | unlearn s | prep s |",
+                      ("| method | seeds | forget acc % | retain acc % | test acc % | MIA-eff. % | MIA AUC % "
+                      "| avg gap % | acc gap % | NoMUS % | unlearn s | prep s |"),
                       "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         cells = [_cell([r[k] for r in runs], pct=k not in SECONDS) for k in COLUMNS]
         lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
@@ -114,10 +114,10 @@ def privacy_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
     lines = ["", "## Per-example attack (U-LiRA style, eval.umia=lira)", "",
-             "AUC of telling the forget set from never-seen images (± Hanley-McNeil standard error), "
-             "TPR at 1 % and 5 % FPR; 50 % is chance, the retrained model's AUC is the target.", "",
-             "| scenario | method | seeds | n forget / unseen | AUC % | TPR@1% | TPR@5% | original AUC % "
-             "| retrain AUC % | train − test acc (original) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             ("AUC of telling the forget set from never-seen images (± Hanley-McNeil standard error), "
+             "TPR at 1 % and 5 % FPR; 50 % is chance, the retrained model's AUC is the target."), "",
+             ("| scenario | method | seeds | n forget / unseen | AUC % | TPR@1% | TPR@5% | original AUC % "
+             "| retrain AUC % | train − test acc (original) |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for (data, backbone, scen, method), runs in group(rows).items():
         def pct(key: str, runs=runs) -> str:
             ms = mean_std([r.get(key) for r in runs])

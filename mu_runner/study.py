@@ -103,16 +103,16 @@ def markdown(rows: list[dict], images: list[str]) -> str:
     """The study section of report.md: per-k table, trends in words, concentration, plots."""
     groups = scaling_groups(rows)
     lines = ["## The removed-classes study", "",
-             "Per method and number of forgotten classes k: mean ± std over seeds. *weight change* = "
+             ("Per method and number of forgotten classes k: mean ± std over seeds. *weight change* = "
              "‖W_u − W_o‖/‖W_o‖ over the whole network; *shift* = 1 − linear CKA between original and "
              "unlearned stage features, averaged over stages, on retained-class (retain) and forgotten-class "
              "(forget) test images; *probe* = linear-probe accuracy of the forgotten classes on the penultimate "
              "features (retrain's in brackets: what a model that never saw them gets); acc gap = mean "
-             "|forget, retain, test accuracy − retrain's|. All in %.", ""]
+             "|forget, retain, test accuracy − retrain's|. All in %."), ""]
     for (data, backbone, method), runs in groups.items():
         lines += [f"### {method} on {data} / {backbone}", "",
-                  "| k | seeds | weight change | shift retain | shift forget | probe (retrain) | forget acc | "
-                  "retain acc | test acc | acc gap |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  ("| k | seeds | weight change | shift retain | shift forget | probe (retrain) | forget acc | "
+                  "retain acc | test acc | acc gap |"), "|---|---|---|---|---|---|---|---|---|---|"]
         for k, rs in by_k(runs).items():
             probe = _pct([r.get("probe_forget_acc") for r in rs])
             ref = _mean(r.get("retrain/probe_forget_acc") for r in rs)

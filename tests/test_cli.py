@@ -14,7 +14,7 @@ from conftest import TINY
 def mu_runner(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "mu_runner", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_unknown_option_lists_the_allowed_ones(tmp_path):

@@ -5,6 +5,7 @@ Everything here is pure and seeded: no model, no training.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -52,7 +53,7 @@ def test_choose_classes_returns_k_distinct_sorted_valid_ids(k):
 @pytest.mark.parametrize("seed", SEEDS)
 def test_choose_classes_nested_as_k_grows_under_one_seed(seed):
     sets = [set(choose_classes(10, k=k, seed=seed)) for k in range(1, 10)]
-    for smaller, larger in zip(sets, sets[1:]):
+    for smaller, larger in itertools.pairwise(sets):
         assert smaller < larger  # strict subset: exactly one class is added per step
 
 
@@ -60,7 +61,7 @@ def test_choose_classes_nested_as_k_grows_under_one_seed(seed):
 def test_choose_classes_nested_as_fraction_grows_under_one_seed(seed):
     fractions = [0.1, 0.2, 0.3, 0.5, 0.7, 0.9]
     sets = [set(choose_classes(10, fraction=f, seed=seed)) for f in fractions]
-    for smaller, larger in zip(sets, sets[1:]):
+    for smaller, larger in itertools.pairwise(sets):
         assert smaller < larger
     # fraction f and k=round(10 f) pick the same classes (one permutation drives both)
     for f, s in zip(fractions, sets):
@@ -198,7 +199,7 @@ def test_random_split_with_k_picks_k_samples():
 @pytest.mark.parametrize("seed", [0, 5])
 def test_random_split_nested_as_fraction_grows(seed):
     sets = [_set(random_split(POOL, fraction=f, seed=seed).forget) for f in (0.1, 0.2, 0.4, 0.8)]
-    for smaller, larger in zip(sets, sets[1:]):
+    for smaller, larger in itertools.pairwise(sets):
         assert smaller < larger
 
 

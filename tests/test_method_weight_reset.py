@@ -88,7 +88,7 @@ def test_freeze_keeps_everything_outside_trainable_bit_identical_but_the_reset(t
     after = dict(stage.module.net.named_parameters())
     after_buffers = dict(stage.module.net.named_buffers())
     for n, p0 in stage.original.named_parameters():
-        if not (n.startswith("body.layer3.") or n.startswith("body.fc.")):
+        if not (n.startswith(("body.layer3.", "body.fc."))):
             assert torch.equal(after[n], p0), n
     for n, b0 in stage.original.named_buffers():
         if n.startswith("body.layer") and not n.startswith("body.layer3."):

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import METHODS
+
 from mu_runner.errors import ConfigError
 from mu_runner.run import _target_class, run
 

@@ -14,9 +14,9 @@ from torch import nn
 from mu_runner.data.datamodule import InMemoryData
 from mu_runner.data.forget import ForgetSplit, class_split
 from mu_runner.data.sources import ImageSet, Source
-from mu_runner.metrics import functional as MF
 from mu_runner.evaluation import Evaluator
 from mu_runner.evaluation.features import feature_shift, stage_features
+from mu_runner.metrics import functional as MF
 from mu_runner.metrics.scoring import stratified_subset
 
 

@@ -33,7 +33,7 @@ class InMemoryData:
     def num_classes(self) -> int:
         return self.source.num_classes
 
-    def to(self, device: torch.device | str) -> "InMemoryData":
+    def to(self, device: torch.device | str) -> InMemoryData:
         """Move every tensor to `device` once; batches are then slices on that device."""
         for name in ("images", "labels", "test_images", "test_labels"):
             setattr(self, name, getattr(self, name).to(device))
@@ -63,7 +63,7 @@ def _val_split(labels: Tensor, fraction: float, seed: int, keep: list[int] | Non
     for c in labels.unique().tolist():
         idx = (labels == c).nonzero().flatten()
         idx = idx[~torch.isin(idx, keep_t)]
-        n = int(round(fraction * len(idx)))
+        n = round(fraction * len(idx))
         val.append(idx[torch.randperm(len(idx), generator=gen)[:n]])
     val_t = torch.cat(val).sort().values if val else torch.empty(0, dtype=torch.long)
     pool = torch.arange(len(labels))

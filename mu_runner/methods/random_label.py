@@ -26,8 +26,13 @@ from torch import Tensor, nn
 
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
-from mu_runner.methods.functional import (batchnorm_eval, freeze_except, nearest_wrong_labels,
-                                          random_other_labels, under)
+from mu_runner.methods.functional import (
+    batchnorm_eval,
+    freeze_except,
+    nearest_wrong_labels,
+    random_other_labels,
+    under,
+)
 from mu_runner.metrics.scoring import scoring
 
 log = logging.getLogger("mu_runner")

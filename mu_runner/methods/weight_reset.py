@@ -32,8 +32,14 @@ from torch import Tensor, nn
 
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
-from mu_runner.methods.functional import (batchnorm_eval, forget_gradients, freeze_except, pin_,
-                                          top_fraction_mask, under)
+from mu_runner.methods.functional import (
+    batchnorm_eval,
+    forget_gradients,
+    freeze_except,
+    pin_,
+    top_fraction_mask,
+    under,
+)
 
 SCORES = ("grad_forget", "grad_ratio", "magnitude")
 SCOPES = ("global", "per_layer", "layers")

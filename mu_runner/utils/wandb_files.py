@@ -47,7 +47,7 @@ def _parsed(path: Path) -> list:
         record = wandb_internal_pb2.Record()
         try:
             record.ParseFromString(payload)
-        except Exception:  # the service is still writing this record: read again later
+        except Exception:  # noqa: BLE001 - the service is still writing this record: read again later
             break
         out.append(record)
     return out
