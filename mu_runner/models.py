@@ -91,3 +91,37 @@ def build_classifier(
         _small_stem(body, in_chans)
     # channels-last: about 25 % faster on CPU (oneDNN) and what tensor cores want on GPU
     return Classifier(body, mean, std).to(memory_format=torch.channels_last)
+
+
+def stage_sizes(net: Classifier, shape: tuple[int, int, int]) -> dict[str, list[int]]:
+    """Spatial size (h, w) of each stage's output for one input of `shape`, from one CPU forward pass
+    of a single zero sample (token stages report []). Bad input for the backbone fails here, before
+    any training, as one ConfigError line."""
+    modules = dict(net.body.named_modules())
+    sizes: dict[str, list[int]] = {}
+
+    def hook(name: str):
+        def fn(_m, _i, out):
+            out = out[0] if isinstance(out, tuple) else out
+            sizes[name] = list(out.shape[2:4]) if out.dim() == 4 else []
+        return fn
+
+    handles = [modules[s].register_forward_hook(hook(s)) for s in net.stage_names if s in modules]
+    was_training = net.training
+    try:
+        net.eval()
+        with torch.no_grad():
+            net(torch.zeros(1, *shape, device=next(net.parameters()).device))
+    except Exception as err:  # noqa: BLE001 - any failure of the forward pass is a config problem
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"backbone cannot take {shape[0]}x{shape[1]}x{shape[2]} inputs: {first}") from None
+    finally:
+        net.train(was_training)
+        for h in handles:
+            h.remove()
+    return sizes
+
+
+def one_by_one(sizes: dict[str, list[int]]) -> list[str]:
+    """Stages whose feature map is 1x1: a 3x3 kernel there sees 8 padding taps of 9."""
+    return [s for s, hw in sizes.items() if hw == [1, 1]]

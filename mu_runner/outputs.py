@@ -37,23 +37,31 @@ def assemble(stage, result: EvaluationResult) -> dict:
         "n_retain": len(split.retain),
         **{k: after[k] for k in KEYS},
         **{k: v for k, v in after.items() if k.startswith("umia_")},
-        "unlearn_seconds": stage.timer.seconds - stage.monitor.epoch_seconds,
+        "unlearn_seconds": stage.timer.seconds - _check_seconds(stage),
         "prep_seconds": stage.module.prep_seconds,  # one-off set-up (weight filters), not in unlearn_seconds
         "prep_cached": stage.module.prep_cached,  # True: prep_seconds was measured when the cache entry was made
-        "eval_seconds_during_unlearning": stage.monitor.epoch_seconds,
+        "eval_seconds_during_unlearning": _check_seconds(stage),
         "eval_seconds": result.seconds,
         "epochs_run": stage.trainer.current_epoch,
         "optimizer_steps": stage.trainer.global_step - stage.module.skipped_steps,
+        **(stage.stopper.summary() if getattr(stage, "stopper", None) is not None else {}),
         "original": result.original,
         "retrain": result.retrain,
         "avg_gap": after["avg_gap"],
         "acc_gap": after["acc_gap"],
         **result.analysis,
         "head_only_forgetting": head_only(after, result.analysis["probe_forget_acc"], result.retrain),
+        "stage_sizes": getattr(stage, "stage_sizes", {}),  # feature-map size per stage; [1, 1]: report warns
         "cache_hits": stage.cache_hits,
         "eval_settings": OmegaConf.to_container(cfg.eval, resolve=True),
         **provenance(),
     }
+
+
+def _check_seconds(stage) -> float:
+    """Scoring inside the unlearning stage (epoch curves, the stopping rule): not unlearning time."""
+    stopper = getattr(stage, "stopper", None)
+    return stage.monitor.epoch_seconds + (stopper.seconds if stopper is not None else 0.0)
 
 
 def provenance() -> dict:

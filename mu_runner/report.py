@@ -60,7 +60,9 @@ def load_runs(root: str | Path) -> list[dict]:
         row.update({k: m.get(k) for k in (*COLUMNS, "test_forget_acc")})
         row["acc_gap"] = acc_gap(m)
         row["k"] = len(m["forget_classes"]) if m.get("forget_classes") is not None else None
-        row.update({k: m.get(k) for k in ("weight_change", "probe_forget_acc", "head_only_forgetting")})
+        row.update({k: m.get(k) for k in ("weight_change", "probe_forget_acc", "head_only_forgetting",
+                                          "reached_target", "stopped_epoch", "epochs_run")})
+        row["one_by_one"] = ",".join(s for s, hw in (m.get("stage_sizes") or {}).items() if hw == [1, 1])
         row.update({k: v for k, v in m.items() if k.startswith("umia_")})
         for key in ("layer_change", "feature_shift", "feature_shift_forget", "feature_shift_retain"):
             for name, v in (m.get(key) or {}).items():
@@ -99,8 +101,25 @@ def markdown(rows: list[dict]) -> str:
                       "| avg gap % | acc gap % | NoMUS % | unlearn s | prep s |"),
                       "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         cells = [_cell([r[k] for r in runs], pct=k not in SECONDS) for k in COLUMNS]
-        lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method}{capped(runs)} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines).lstrip() + "\n"
+
+
+def capped(runs: list[dict]) -> str:
+    """A mark for runs with a forgetting target that hit their epoch cap without reaching it."""
+    missed = sum(r.get("reached_target") is False for r in runs)
+    return f" ⚠ {missed}/{len(runs)} missed the forget target" if missed else ""
+
+
+def warnings(rows: list[dict]) -> str:
+    """Report-level warnings: stages that worked on 1x1 feature maps (3x3 kernels see padding)."""
+    flat = sorted({r["one_by_one"] for r in rows if r.get("one_by_one")})
+    if not flat:
+        return ""
+    n = sum(bool(r.get("one_by_one")) for r in rows)
+    return (f"\n> **Warning**: in {n} runs stage(s) {'; '.join(flat)} worked on 1×1 feature maps, where a 3×3 "
+            "kernel sees 8 padding taps of 9; layer-wise numbers there say little. A larger `data.image_size` "
+            "(e.g. 16 for digits) avoids it.\n\n")
 
 
 UMIA = ("umia_auc", "umia_tpr_at_1pct_fpr", "umia_tpr_at_5pct_fpr")
@@ -165,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mu_runner.report: error: no metrics.json under {args.dir}", file=sys.stderr)
         return 2
     write_csv(rows, args.dir / "summary.csv")
-    head = f"# {args.title}\n\n{len(rows)} runs from `{args.dir}`; mean ± std over seeds.\n\n" + markdown(rows)
+    head = f"# {args.title}\n\n{len(rows)} runs from `{args.dir}`; mean ± std over seeds.\n\n" + warnings(rows)
+    head += markdown(rows)
     head += privacy_markdown(rows) + failures(args.dir)
     plots = study_plots(rows, args.dir) if scaling_groups(rows) else []
     text = head + (("\n" + study_markdown(rows, [p.name for p in plots])) if plots else "")

@@ -18,16 +18,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mu_runner.cache import Cache
+from mu_runner.callbacks.forget_target import ForgetTarget
 from mu_runner.callbacks.timing import UnlearnTimer
 from mu_runner.callbacks.validation import EpochValidation
 from mu_runner.data import forget as F
 from mu_runner.data.datamodule import InMemoryData, StageData
+from mu_runner.data.sources import resized
 from mu_runner.errors import CheckpointError, ConfigError, MuRunnerError
 from mu_runner.evaluation import EvaluationResult, Evaluator
 from mu_runner.evaluation.evaluator import MIA_FEATURES
 from mu_runner.methods.base import ARTIFACT_PREFIX, OriginalRecipe, UnlearningModule
 from mu_runner.methods.supervised import SupervisedTraining
-from mu_runner.models import Classifier
+from mu_runner.models import Classifier, one_by_one, stage_sizes
 from mu_runner.outputs import write_outputs
 from mu_runner.utils.loggers import build_logger, finish_logger
 
@@ -51,6 +53,8 @@ class Stage:
     evaluator: Evaluator
     cache_hits: dict[str, bool] = field(default_factory=dict)
     umia: object | None = None  # the per-example attack (eval.umia), its shadows ready
+    stopper: ForgetTarget | None = None  # callbacks.forget_target: stopping at equal forgetting
+    stage_sizes: dict = field(default_factory=dict)  # stage -> [h, w] of its feature map
 
     def fit(self) -> None:
         L.seed_everything(self.cfg.seed, workers=False, verbose=False)
@@ -63,6 +67,11 @@ class Stage:
 
 def load_data(cfg: DictConfig) -> InMemoryData:
     source = make(cfg.data.source, "data")
+    size = cfg.data.get("image_size")
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"data.image_size={size!r}: allowed null (the data's own size) or an integer >= 1")
+        source = resized(source, size)
     keep = None
     if cfg.forget.kind == "indices":
         keep = F.read_indices(cfg.forget.path, len(source.train))
@@ -180,9 +189,14 @@ def build(cfg: DictConfig) -> Stage:
         raise ConfigError(f"reference={cfg.reference!r}: allowed retrain, none")
     make_method(cfg, net=None)  # bad method values raise before anything is trained
     check_eval(cfg)
+    check_callbacks(cfg)
     check_forget_kind(cfg)
     data = load_data(cfg)
     split = make_split(cfg, data)
+    sizes = stage_sizes(new_net(cfg, data), data.source.shape)  # one sample, before any training
+    if one_by_one(sizes):
+        log.warning("stages %s see 1x1 feature maps at %dx%d input (3x3 kernels there see mostly padding); "
+                    "a larger data.image_size avoids it", ", ".join(one_by_one(sizes)), *data.source.shape[1:])
     evaluator = Evaluator(data, split, cfg.eval, cfg.seed)
     cache = Cache(cfg.paths.cache_dir)
     original, hit_o = get_original(cfg, data, cache, _target_class(cfg.method))
@@ -196,14 +210,43 @@ def build(cfg: DictConfig) -> Stage:
     timer = UnlearnTimer()
     monitor = EpochValidation(data, split, cfg.callbacks.eval_every_n_epochs)
     callbacks: list = [timer, monitor]
-    if cfg.callbacks.forget_target is not None:
-        callbacks.append(L.pytorch.callbacks.EarlyStopping(
-            "val/forget_acc", mode="min", stopping_threshold=float(cfg.callbacks.forget_target),
-            patience=10**9, check_on_train_epoch_end=True))
-    trainer = _trainer(cfg, module.epochs, logger=build_logger(cfg) or False, callbacks=callbacks)
+    stopper = forget_target(cfg, data, split, reference)
+    epochs = module.epochs
+    if stopper is not None:
+        callbacks.append(stopper)
+        epochs = int(cfg.callbacks.get("max_epochs") or epochs)
+    trainer = _trainer(cfg, epochs, logger=build_logger(cfg) or False, callbacks=callbacks)
     umia, hits = build_umia(cfg, data, split, cache)
     return Stage(cfg, data, split, original, reference, module, trainer, StageData(data, split, cfg.seed),
-                 timer, monitor, evaluator, {"original": hit_o, "retrain": hit_r, **hits}, umia)
+                 timer, monitor, evaluator, {"original": hit_o, "retrain": hit_r, **hits}, umia, stopper, sizes)
+
+
+def check_callbacks(cfg: DictConfig) -> None:
+    """The `callbacks` group's values, before any work."""
+    cb = cfg.callbacks
+    target = cb.get("forget_target")
+    if target is not None and target != "retrain":
+        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1:
+            raise ConfigError(f"callbacks.forget_target={target!r}: allowed null, retrain or an accuracy in [0, 1]")
+    if target == "retrain" and cfg.reference != "retrain":
+        raise ConfigError(f"callbacks.forget_target=retrain needs the retrained model: reference={cfg.reference} "
+                          "(set reference=retrain)")
+    cap = cb.get("max_epochs")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ConfigError(f"callbacks.max_epochs={cap!r}: allowed null (the method's epochs) or an integer >= 1")
+    every = cb.get("target_every_n_steps", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"callbacks.target_every_n_steps={every!r}: allowed 0 (epoch ends only) or an integer >= 1")
+
+
+def forget_target(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit,
+                  reference: Classifier | None) -> ForgetTarget | None:
+    """`callbacks.forget_target`: the stopping rule at equal forgetting, or None."""
+    target = cfg.callbacks.get("forget_target")
+    if target is None:
+        return None
+    return ForgetTarget(data, split, target, reference, int(cfg.callbacks.get("target_every_n_steps", 0)),
+                        int(cfg.seed))
 
 
 def build_umia(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit, cache: Cache) -> tuple[object, dict]:
@@ -270,6 +313,8 @@ def check_eval(cfg: DictConfig) -> None:
 
 def check_forget_kind(cfg: DictConfig) -> None:
     """A class-level method (mnemonic codes, weight filters) refuses sample forgetting up front."""
+    if cfg.method.get("ratio_per_class") is not None and cfg.forget.kind != "classes":
+        raise ConfigError(f"method.ratio_per_class with forget={cfg.forget.kind}: a per-class ratio needs forget=classes")
     kinds = _target_class(cfg.method).forget_kinds
     if cfg.forget.kind not in kinds:
         raise ConfigError(f"forget={cfg.forget.kind}: method {_target_class(cfg.method).__name__} handles "

@@ -94,6 +94,19 @@ def concentration(runs: list[dict]) -> tuple[list[tuple[str, float]], float]:
     return sorted(means, key=lambda t: -t[1]), rho
 
 
+def _num(values) -> str:
+    m = _mean(values)
+    return "–" if m is None else f"{m:.2f} ± {_std(values):.2f}"
+
+
+def _reached(runs: list[dict]) -> str:
+    """How many seeds reached the forgetting target ("–" without a target)."""
+    flags = [r.get("reached_target") for r in runs if r.get("reached_target") is not None]
+    if not flags:
+        return "–"
+    return f"{sum(flags)}/{len(flags)}" + ("" if all(flags) else " ⚠")
+
+
 def _pct(values) -> str:
     m = _mean(values)
     return "–" if m is None else f"{100 * m:.1f} ± {100 * _std(values):.1f}"
@@ -108,11 +121,13 @@ def markdown(rows: list[dict], images: list[str]) -> str:
              "unlearned stage features, averaged over stages, on retained-class (retain) and forgotten-class "
              "(forget) test images; *probe* = linear-probe accuracy of the forgotten classes on the penultimate "
              "features (retrain's in brackets: what a model that never saw them gets); acc gap = mean "
-             "|forget, retain, test accuracy − retrain's|. All in %."), ""]
+             "|forget, retain, test accuracy − retrain's|. All in %. *epochs* = epochs to the forgetting target "
+             "(callbacks.forget_target; the cap where it was missed); *reached target* = seeds that reached it."), ""]
     for (data, backbone, method), runs in groups.items():
         lines += [f"### {method} on {data} / {backbone}", "",
                   ("| k | seeds | weight change | shift retain | shift forget | probe (retrain) | forget acc | "
-                  "retain acc | test acc | acc gap |"), "|---|---|---|---|---|---|---|---|---|---|"]
+                  "retain acc | test acc | acc gap | epochs | reached target |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k, rs in by_k(runs).items():
             probe = _pct([r.get("probe_forget_acc") for r in rs])
             ref = _mean(r.get("retrain/probe_forget_acc") for r in rs)
@@ -120,7 +135,9 @@ def markdown(rows: list[dict], images: list[str]) -> str:
             cells = [_pct([r.get("weight_change") for r in rs]),
                      _pct([mean_shift(r, "feature_shift_retain") for r in rs]),
                      _pct([mean_shift(r, "feature_shift_forget") for r in rs]), probe,
-                     *[_pct([r.get(a) for r in rs]) for a in ACCS], _pct([r.get("acc_gap") for r in rs])]
+                     *[_pct([r.get(a) for r in rs]) for a in ACCS], _pct([r.get("acc_gap") for r in rs]),
+                     _num([r.get("stopped_epoch") if r.get("reached_target") else r.get("epochs_run") for r in rs]),
+                     _reached(rs)]
             lines.append(f"| {k} | {len(rs)} | " + " | ".join(cells) + " |")
         ranked, depth_rho = concentration(runs)
         top = ", ".join(f"{s} {100 * v:.1f} %" for s, v in ranked[:3])

@@ -72,3 +72,12 @@ def test_report_lists_jobs_that_ended_with_an_error(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "2 jobs ended with an error (no metrics.json):" in text
     assert "- 2 × `ConfigError: forget=random: method Mnemonic handles forget=classes only`" in text
+
+
+def test_runs_that_missed_the_forget_target_and_one_by_one_stages_are_marked():
+    from mu_runner.report import capped, warnings
+    from mu_runner.study import _reached
+    runs = [{"reached_target": True}, {"reached_target": False}, {"reached_target": True}]
+    assert capped(runs) == " ⚠ 1/3 missed the forget target" and capped(runs[:1]) == ""
+    assert _reached(runs) == "2/3 ⚠" and _reached(runs[:1]) == "1/1" and _reached([{}]) == "–"
+    assert "layer4" in warnings([{"one_by_one": "layer4"}, {"one_by_one": ""}]) and warnings([{}]) == ""

@@ -34,3 +34,19 @@ class Source:
     def shape(self) -> tuple[int, int, int]:
         c, h, w = self.train.images.shape[1:]
         return int(c), int(h), int(w)
+
+
+def resized(source: Source, size: int) -> Source:
+    """The same source at size x size (bilinear, uint8): `data.image_size`, e.g. digits at 16 px so that
+    no ResNet stage works on 1x1 maps. Unchanged when it already has that size."""
+    if source.shape[1:] == (size, size):
+        return source
+
+    def scale(images: torch.Tensor) -> torch.Tensor:
+        if len(images) == 0:
+            return images.new_empty((0, images.shape[1], size, size))
+        x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
+        return x.round().clamp(0, 255).to(torch.uint8)
+
+    return Source(ImageSet(scale(source.train.images), source.train.labels),
+                  ImageSet(scale(source.test.images), source.test.labels), source.classes)

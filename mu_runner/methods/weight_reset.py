@@ -17,6 +17,8 @@ abstracts only, so the procedure below is [design], per METHODS.md §C weight_re
    BatchNorm running statistics, which are stale after a reset.
 5. Repair: `epochs` of CE on D_r (0: no optimizer step at all); `freeze` as in random_label
    keeps everything outside `trainable` (and its BatchNorm statistics) fixed.
+`ratio_per_class` (null by default) makes the reset proportional to the number k of forget classes:
+⌊k·r·N⌋ weights, as the paper's "proportional to the number of removed classes" reading needs.
 `selected` (name → bool mask) and `reset_per_stage` (stage → count) are kept for the analysis.
 """
 
@@ -56,11 +58,16 @@ def select_weights(scores: dict[str, Tensor], scope: str, ratio: float,
                    layers: list[str] | None = None) -> dict[str, Tensor]:
     """Boolean masks, True on the weights to reset (ties broken by flat index)."""
     if scope == "global":  # exactly floor(ratio·N) of all eligible weights
-        return top_fraction_mask(scores, ratio, count=math.floor(ratio * sum(s.numel() for s in scores.values())))
+        return top_fraction_mask(scores, ratio, count=floor_count(ratio, sum(s.numel() for s in scores.values())))
     if scope == "per_layer":
-        return {n: top_fraction_mask({n: s}, ratio, count=math.floor(ratio * s.numel()))[n] for n, s in scores.items()}
+        return {n: top_fraction_mask({n: s}, ratio, count=floor_count(ratio, s.numel()))[n] for n, s in scores.items()}
     return {n: torch.full_like(s, any(under(n.removeprefix("body."), p) for p in layers or []), dtype=torch.bool)
             for n, s in scores.items()}
+
+
+def floor_count(ratio: float, n: int) -> int:
+    """floor(ratio·n), immune to binary rounding (3 x 0.01 x 1000 is 30, not 29)."""
+    return math.floor(round(ratio * n, 6))
 
 
 @torch.no_grad()
@@ -94,7 +101,7 @@ class WeightReset(UnlearningModule):
                  seed: int = 0, score: str = "grad_forget", scope: str = "global", ratio: float = 0.05,
                  layers: list[str] | None = None, mode: str = "reinit", recalibrate_bn: bool = False,
                  freeze: bool = False, trainable: list[str] | tuple[str, ...] = ("layer4", "fc"),
-                 retain_score_fraction: float = 0.1) -> None:
+                 retain_score_fraction: float = 0.1, ratio_per_class: float | None = None) -> None:
         # Lightning needs one epoch to run the set-up hook; epochs=0 stops before any batch.
         super().__init__(net, optimizer, scheduler, max(int(epochs), 1), batch_size, seed)
         for key, value, allowed in (("score", score, SCORES), ("scope", scope, SCOPES), ("mode", mode, MODES)):
@@ -102,6 +109,9 @@ class WeightReset(UnlearningModule):
                 raise ConfigError(f"method.{key}={value!r}: allowed {', '.join(allowed)}")
         if scope != "layers" and not 0 < float(ratio) <= 1:
             raise ConfigError(f"method.ratio={ratio}: need 0 < ratio <= 1 (fraction of eligible weights reset)")
+        if ratio_per_class is not None and (scope == "layers" or not 0 < float(ratio_per_class) <= 1):
+            raise ConfigError(f"method.ratio_per_class={ratio_per_class}: need 0 < value <= 1 and scope global or "
+                              "per_layer (k forget classes reset floor(k * value * N) weights)")
         if scope == "layers" and not layers:
             raise ConfigError("method.scope=layers needs method.layers (module names), e.g. [layer4, fc]")
         if int(epochs) > 0 and optimizer is None:
@@ -112,6 +122,7 @@ class WeightReset(UnlearningModule):
         self.layers, self.mode, self.recalibrate_bn = list(layers or []), mode, bool(recalibrate_bn)
         self.freeze, self.trainable = bool(freeze), tuple(trainable)
         self.retain_score_fraction = float(retain_score_fraction)
+        self.ratio_per_class = None if ratio_per_class is None else float(ratio_per_class)
         self.selected: dict[str, Tensor] = {}
         self.reset_per_stage: dict[str, int] = {}
         if self.freeze and net is not None:  # now: configure_optimizers skips frozen weights
@@ -162,7 +173,20 @@ class WeightReset(UnlearningModule):
                     fresh = clone.weight.detach().to(p.device, p.dtype)
                 p.copy_(torch.where(mask, fresh, p))
 
+    def effective_ratio(self) -> float:
+        """`ratio`, or k * `ratio_per_class` for k forget classes (the "proportional" reset)."""
+        if self.ratio_per_class is None:
+            return self.ratio
+        classes = self.datamodule.split.classes
+        if not classes:
+            raise ConfigError("method.ratio_per_class needs class forgetting (forget=classes)")
+        ratio = len(classes) * self.ratio_per_class
+        if ratio > 1:
+            raise ConfigError(f"method.ratio_per_class={self.ratio_per_class} x {len(classes)} classes > 1")
+        return ratio
+
     def on_train_start(self) -> None:
+        self.ratio = self.effective_ratio()
         self.selected = select_weights(self.weight_scores(), self.scope, self.ratio, self.layers)
         stage_of = getattr(self.net, "stage_of", None)
         counts: dict[str, int] = {}
@@ -175,6 +199,9 @@ class WeightReset(UnlearningModule):
             recalibrate_batchnorm(self.net, self.datamodule.batches("retain"))
         if self.repair_epochs == 0:
             self.trainer.should_stop = True  # reset only: no batch, no optimizer step
+
+    def choices(self) -> dict:
+        return {"ratio": self.ratio, "reset_weights": int(sum(self.reset_per_stage.values()))}
 
     # -- 5. repair ------------------------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
