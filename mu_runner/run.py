@@ -210,7 +210,7 @@ def build(cfg: DictConfig) -> Stage:
     timer = UnlearnTimer()
     monitor = EpochValidation(data, split, cfg.callbacks.eval_every_n_epochs)
     callbacks: list = [timer, monitor]
-    stopper = forget_target(cfg, data, split, reference)
+    stopper = forget_target(cfg, data, split, reference, module.target_min_epochs)
     epochs = module.epochs
     if stopper is not None:
         callbacks.append(stopper)
@@ -240,13 +240,13 @@ def check_callbacks(cfg: DictConfig) -> None:
 
 
 def forget_target(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit,
-                  reference: Classifier | None) -> ForgetTarget | None:
+                  reference: Classifier | None, min_epochs: int = 0) -> ForgetTarget | None:
     """`callbacks.forget_target`: the stopping rule at equal forgetting, or None."""
     target = cfg.callbacks.get("forget_target")
     if target is None:
         return None
     return ForgetTarget(data, split, target, reference, int(cfg.callbacks.get("target_every_n_steps", 0)),
-                        int(cfg.seed))
+                        int(cfg.seed), min_epochs)
 
 
 def build_umia(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit, cache: Cache) -> tuple[object, dict]:
@@ -313,8 +313,6 @@ def check_eval(cfg: DictConfig) -> None:
 
 def check_forget_kind(cfg: DictConfig) -> None:
     """A class-level method (mnemonic codes, weight filters) refuses sample forgetting up front."""
-    if cfg.method.get("ratio_per_class") is not None and cfg.forget.kind != "classes":
-        raise ConfigError(f"method.ratio_per_class with forget={cfg.forget.kind}: a per-class ratio needs forget=classes")
     kinds = _target_class(cfg.method).forget_kinds
     if cfg.forget.kind not in kinds:
         raise ConfigError(f"forget={cfg.forget.kind}: method {_target_class(cfg.method).__name__} handles "

@@ -108,9 +108,20 @@ def test_ratio_per_class_resets_exactly_floor_k_r_n_weights(tiny, shared_cache, 
     assert reset == math.floor(round(k * r * n, 6)) and stage.module.choices()["ratio"] == pytest.approx(k * r)
 
 
-def test_ratio_per_class_refuses_sample_forgetting(tiny):
-    with pytest.raises(ConfigError, match="ratio_per_class"):
-        build(tiny("method=weight_reset", "method.ratio_per_class=0.01", "forget=random"))
+def test_sample_forgetting_uses_ratio_not_ratio_per_class(tiny, shared_cache):
+    stage = build(tiny("method=weight_reset", "method.epochs=0", "method.ratio=0.004", "method.ratio_per_class=0.02",
+                       "forget=random", "reference=none", f"paths.cache_dir={shared_cache}"))
+    stage.fit()
+    assert stage.module.choices()["ratio"] == 0.004
+
+
+def test_weight_reset_is_judged_only_after_its_repair_epochs(tiny, shared_cache, monkeypatch):
+    monkeypatch.setattr("mu_runner.callbacks.forget_target.accuracy_on", lambda net, data, idx: 0.0)
+    stage = build(tiny("method=weight_reset", "method.epochs=2", "reference=none", "callbacks.forget_target=0.0",
+                       "callbacks.max_epochs=4", "callbacks.target_every_n_steps=1", f"paths.cache_dir={shared_cache}"))
+    stage.fit()
+    assert stage.stopper.reached and stage.trainer.current_epoch == 2
+    assert stage.stopper.stopped_at == stage.trainer.global_step
 
 
 def test_image_size_resizes_and_one_by_one_stages_are_reported(tiny, caplog):

@@ -16,6 +16,7 @@ from mu_runner.run import build
 
 def fit(tmp, cache, *overrides):
     cfg = compose_config([*TINY, "method=weight_reset", "method.epochs=1", "forget.k=2", "reference=none",
+                          "method.ratio_per_class=null",  # these tests pin `ratio` itself
                           f"paths.cache_dir={cache}", *overrides], tmp)
     stage = build(cfg)
     with optimizer_steps() as steps:

@@ -6,7 +6,9 @@ scores the *check images*: for class forgetting the validation images of the for
 stratified half of D_f (`check_indices`). The run stops at the first check where that accuracy is
 at or below the target: the retrained model's accuracy on the same images (`retrain`), or a fixed
 number. The trainer's `max_epochs` is the budget cap (`callbacks.max_epochs`, else the method's
-epochs); a run that reaches the cap without the target says so (`reached_target: false`).
+epochs); a run that reaches the cap without the target says so (`reached_target: false`). A method
+whose forgetting is a one-off edit followed by repair (weight_reset) is judged only after its own
+repair epochs (`UnlearningModule.target_min_epochs`).
 See docs/design.md#stopping-at-equal-forgetting.
 """
 
@@ -45,8 +47,9 @@ class ForgetTarget(L.Callback):
     """Stops the unlearning stage at the first check with forget accuracy <= target."""
 
     def __init__(self, data: InMemoryData, split: ForgetSplit, target: float | str,
-                 reference: nn.Module | None = None, every_n_steps: int = 0, seed: int = 0) -> None:
-        self.data, self.every = data, int(every_n_steps)
+                 reference: nn.Module | None = None, every_n_steps: int = 0, seed: int = 0,
+                 min_epochs: int = 0) -> None:
+        self.data, self.every, self.min_epochs = data, int(every_n_steps), int(min_epochs)
         self.indices = check_indices(data, split, seed)
         if target == "retrain":
             if reference is None:
@@ -80,11 +83,13 @@ class ForgetTarget(L.Callback):
             trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every > 0 and trainer.global_step > 0 and trainer.global_step % self.every == 0:
+        if (self.every > 0 and trainer.global_step > 0 and trainer.global_step % self.every == 0
+                and trainer.current_epoch >= self.min_epochs):
             self._check(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._check(trainer, pl_module)
+        if trainer.current_epoch + 1 >= self.min_epochs:
+            self._check(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         """One-shot methods (and a cap reached between checks) are scored once at the end."""

@@ -63,6 +63,11 @@ class UnlearningModule(L.LightningModule):
         return type(self).__name__
 
     @property
+    def target_min_epochs(self) -> int:
+        """Epochs before a stopping rule (callbacks.forget_target) may judge; 0: from the first check."""
+        return 0
+
+    @property
     def batch_sizes(self) -> dict[str, int]:
         """Splits this method reads, with their batch sizes; the anchor comes first."""
         return {self.anchor: self.batch_size}

@@ -109,9 +109,9 @@ class WeightReset(UnlearningModule):
                 raise ConfigError(f"method.{key}={value!r}: allowed {', '.join(allowed)}")
         if scope != "layers" and not 0 < float(ratio) <= 1:
             raise ConfigError(f"method.ratio={ratio}: need 0 < ratio <= 1 (fraction of eligible weights reset)")
-        if ratio_per_class is not None and (scope == "layers" or not 0 < float(ratio_per_class) <= 1):
-            raise ConfigError(f"method.ratio_per_class={ratio_per_class}: need 0 < value <= 1 and scope global or "
-                              "per_layer (k forget classes reset floor(k * value * N) weights)")
+        if ratio_per_class is not None and not 0 < float(ratio_per_class) <= 1:
+            raise ConfigError(f"method.ratio_per_class={ratio_per_class}: need 0 < value <= 1 "
+                              "(k forget classes reset floor(k * value * N) weights)")
         if scope == "layers" and not layers:
             raise ConfigError("method.scope=layers needs method.layers (module names), e.g. [layer4, fc]")
         if int(epochs) > 0 and optimizer is None:
@@ -173,13 +173,17 @@ class WeightReset(UnlearningModule):
                     fresh = clone.weight.detach().to(p.device, p.dtype)
                 p.copy_(torch.where(mask, fresh, p))
 
+    @property
+    def target_min_epochs(self) -> int:
+        """Its forgetting is the reset itself; the repair epochs are its budget, so a stopping rule
+        (callbacks.forget_target) judges only after them."""
+        return self.repair_epochs
+
     def effective_ratio(self) -> float:
-        """`ratio`, or k * `ratio_per_class` for k forget classes (the "proportional" reset)."""
-        if self.ratio_per_class is None:
-            return self.ratio
+        """k * `ratio_per_class` for k forget classes (the "proportional" reset), else `ratio`."""
         classes = self.datamodule.split.classes
-        if not classes:
-            raise ConfigError("method.ratio_per_class needs class forgetting (forget=classes)")
+        if self.ratio_per_class is None or self.scope == "layers" or not classes:
+            return self.ratio
         ratio = len(classes) * self.ratio_per_class
         if ratio > 1:
             raise ConfigError(f"method.ratio_per_class={self.ratio_per_class} x {len(classes)} classes > 1")
