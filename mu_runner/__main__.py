@@ -9,11 +9,33 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mu_runner.errors import MuRunnerError
 
 log = logging.getLogger("mu_runner")
+
+
+def _mkdir(path: str) -> str:
+    """`${mkdir:DIR}`: DIR, created if missing (e.g. the Optuna study's sqlite folder, which must
+    exist before the sweeper opens its storage)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _dirname(name: str, limit: int = 120) -> str:
+    """`${dirname:NAME}`: NAME as a directory name, within file-system limits (255 bytes): a long
+    override list keeps its first `limit` characters and gets a short hash of the whole, so it
+    stays unique and a restarted sweep finds the same directory again."""
+    name = name.replace("/", "_")
+    if len(name.encode()) <= limit:
+        return name
+    import hashlib
+    return name.encode()[:limit].decode(errors="ignore") + "~" + hashlib.sha1(name.encode()).hexdigest()[:10]
+
+
+OmegaConf.register_new_resolver("mkdir", _mkdir, replace=True)
+OmegaConf.register_new_resolver("dirname", _dirname, replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -27,6 +49,9 @@ def main(cfg: DictConfig) -> float | None:
     from mu_runner.run import run  # heavy imports after Hydra has parsed the command line
 
     try:
+        if cfg.get("tune") is not None:  # experiment=tune: one Optuna trial over the tuning seeds
+            from mu_runner.tuning import tune
+            return tune(cfg)
         metrics = run(cfg)
     except MuRunnerError as err:
         log.error("%s", err)

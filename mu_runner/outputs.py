@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from mu_runner.cache import atomic_write_bytes, atomic_write_json
 from mu_runner.evaluation import EvaluationResult
 from mu_runner.metrics.scoring import stratified_subset
+from mu_runner.settings import method_node
 
 log = logging.getLogger("mu_runner")
 
@@ -26,7 +27,7 @@ def assemble(stage, result: EvaluationResult) -> dict:
     after = result.unlearned
     return {
         "method": _yaml_name(cfg),
-        "method_config": OmegaConf.to_container(cfg.method, resolve=True),
+        "method_config": OmegaConf.to_container(method_node(cfg), resolve=True),
         "method_choices": stage.module.choices(),  # e.g. the step a grid walk took
         "data": cfg.data.name,
         "backbone": cfg.backbone.name,

@@ -31,6 +31,7 @@ from mu_runner.methods.base import ARTIFACT_PREFIX, OriginalRecipe, UnlearningMo
 from mu_runner.methods.supervised import SupervisedTraining
 from mu_runner.models import Classifier, one_by_one, stage_sizes
 from mu_runner.outputs import write_outputs
+from mu_runner.settings import method_node
 from mu_runner.utils.loggers import build_logger, finish_logger
 
 log = logging.getLogger("mu_runner")
@@ -331,7 +332,8 @@ def make(node: DictConfig, what: str, **kwargs):
 
 
 def make_method(cfg: DictConfig, net) -> UnlearningModule:
-    return make(cfg.method, "method", net=net)
+    return make(method_node(cfg), "method", net=net)
+
 
 
 def _target_class(node: DictConfig) -> type:
