@@ -73,12 +73,14 @@ def build_classifier(
     mean: list[float],
     std: list[float],
     small_stem: bool | str = "auto",
+    model_args: dict | None = None,
 ) -> Classifier:
-    """Build `name` from timm (no pretrained weights: nothing is downloaded)."""
+    """Build `name` from timm (no pretrained weights: nothing is downloaded). `model_args` go to
+    `timm.create_model` as they are (e.g. `channels` of a ResNet's four stages)."""
     if small_stem not in ("auto", True, False):
         raise ConfigError(f"backbone.small_stem={small_stem!r}: allowed auto, true, false")
     small = img_size <= 64 if small_stem == "auto" else bool(small_stem)
-    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, "pretrained": False}
+    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, "pretrained": False, **(model_args or {})}
     is_vit = "vit" in name
     if is_vit:
         patch = (2 if img_size <= 16 else 4) if small else 16
@@ -87,6 +89,8 @@ def build_classifier(
         body = timm.create_model(name, **kwargs)
     except RuntimeError as err:  # timm: "Unknown model (...)"
         raise ConfigError(f"backbone.name={name!r}: {err}") from None
+    except TypeError as err:  # an argument the model does not take
+        raise ConfigError(f"backbone.model_args={dict(model_args or {})}: {err}") from None
     if small and not is_vit and hasattr(body, "maxpool"):
         _small_stem(body, in_chans)
     # channels-last: about 25 % faster on CPU (oneDNN) and what tensor cores want on GPU

@@ -141,3 +141,22 @@ def test_image_size_resizes_and_one_by_one_stages_are_reported(tiny, caplog):
 def test_bad_image_size_is_one_line_before_training(tiny):
     with pytest.raises(ConfigError, match="data.image_size"):
         load_data(tiny("data.image_size=0"))
+
+
+def test_half_width_resnet18_keeps_the_stages_and_halves_the_channels():
+    from mu_runner.models import build_classifier, one_by_one, stage_sizes
+    net = build_classifier("resnet18", 10, 1, 16, [0.5], [0.25], model_args={"channels": [32, 64, 128, 256]})
+    assert net.stage_names == ["layer1", "layer2", "layer3", "layer4"]
+    assert net.body.layer4[1].conv2.out_channels == 256 and net.body.fc.in_features == 256
+    assert one_by_one(stage_sizes(net, (1, 16, 16))) == []
+    with pytest.raises(ConfigError, match="backbone.model_args"):
+        build_classifier("resnet18", 10, 1, 16, [0.5], [0.25], model_args={"no_such_arg": 1})
+
+
+def test_study_experiment_runs_at_equal_forgetting_without_one_by_one_stages(tiny):
+    cfg = tiny("experiment=forget_scaling", "hydra.mode=RUN")
+    assert cfg.callbacks.forget_target == "retrain" and cfg.callbacks.max_epochs >= 1
+    assert cfg.data.image_size == 16 and cfg.backbone.model_args.channels[-1] == 256
+    from mu_runner.models import one_by_one, stage_sizes
+    data = load_data(cfg)
+    assert one_by_one(stage_sizes(new_net(cfg, data), data.source.shape)) == []
