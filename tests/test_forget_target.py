@@ -156,7 +156,7 @@ def test_half_width_resnet18_keeps_the_stages_and_halves_the_channels():
 def test_study_experiment_runs_at_equal_forgetting_without_one_by_one_stages(tiny):
     cfg = tiny("experiment=forget_scaling", "hydra.mode=RUN")
     assert cfg.callbacks.forget_target == "retrain" and cfg.callbacks.max_epochs >= 1
-    assert cfg.data.image_size == 16 and cfg.backbone.model_args.channels[-1] == 256
+    assert cfg.data.image_size == 16
     from mu_runner.models import one_by_one, stage_sizes
     data = load_data(cfg)
     assert one_by_one(stage_sizes(new_net(cfg, data), data.source.shape)) == []
