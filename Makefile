@@ -47,7 +47,7 @@ report: setup
 	$(PY) -m mu_runner.report $(DIR)
 
 lint: setup
-	$(PY) -m ruff check mu_runner tests
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf outputs/runs outputs/multiruns

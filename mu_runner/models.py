@@ -1,7 +1,7 @@
 """Backbones from timm, wrapped so that input normalisation is the model's first module.
 
 Methods that build or perturb inputs (boundary attacks, noise, codes) then work in pixel space,
-[0, 1], whatever the dataset's statistics (METHODS.md G4).
+[0, 1], whatever the dataset's statistics (docs/methods.md, General rules).
 """
 
 from __future__ import annotations

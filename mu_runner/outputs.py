@@ -1,4 +1,4 @@
-"""The run directory (DESIGN §3): metrics.json last and atomically, so its presence means done."""
+"""The run directory (docs/design.md, Run directory): metrics.json last and atomically, so its presence means done."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def provenance() -> dict:
 
 def head_only(after: dict, probe: float | None, retrain: dict | None) -> bool | None:
     """Accuracy-level forgetting with intact features: forget_acc <= 0.1 (UA >= 0.9) while the probe
-    on penultimate features still beats the retrained model's by more than 0.10 (METHODS.md)."""
+    on penultimate features still beats the retrained model's by more than 0.10 (docs/evaluation.md)."""
     if probe is None or retrain is None or retrain.get("probe_forget_acc") is None:
         return None
     return bool(after["forget_acc"] <= 0.1 and probe > retrain["probe_forget_acc"] + 0.10)

@@ -137,7 +137,7 @@ def privacy_markdown(rows: list[dict]) -> str:
              "TPR at 1 % and 5 % FPR; 50 % is chance, the retrained model's AUC is the target."), "",
              ("| scenario | method | seeds | n forget / unseen | AUC % | TPR@1% | TPR@5% | original AUC % "
              "| retrain AUC % | train − test acc (original) |"), "|---|---|---|---|---|---|---|---|---|---|"]
-    for (data, backbone, scen, method), runs in group(rows).items():
+    for (_data, _backbone, scen, method), runs in group(rows).items():
         def pct(key: str, runs=runs) -> str:
             ms = mean_std([r.get(key) for r in runs])
             return "–" if ms is None else f"{100 * ms[0]:.1f}"

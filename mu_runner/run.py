@@ -1,7 +1,7 @@
 """One experiment: original (cached) -> forget split -> reference (cached) -> unlearning -> metrics.
 
 `build(cfg)` prepares a `Stage` (for tests: fit it, inspect it); `run(cfg)` does the whole run,
-writes the run directory (DESIGN §3) and returns flat, slash-named numbers.
+writes the run directory (docs/design.md, Run directory) and returns flat, slash-named numbers.
 """
 
 from __future__ import annotations
@@ -226,9 +226,9 @@ def check_callbacks(cfg: DictConfig) -> None:
     """The `callbacks` group's values, before any work."""
     cb = cfg.callbacks
     target = cb.get("forget_target")
-    if target is not None and target != "retrain":
-        if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1:
-            raise ConfigError(f"callbacks.forget_target={target!r}: allowed null, retrain or an accuracy in [0, 1]")
+    bad_number = isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 <= target <= 1
+    if target is not None and target != "retrain" and bad_number:
+        raise ConfigError(f"callbacks.forget_target={target!r}: allowed null, retrain or an accuracy in [0, 1]")
     if target == "retrain" and cfg.reference != "retrain":
         raise ConfigError(f"callbacks.forget_target=retrain needs the retrained model: reference={cfg.reference} "
                           "(set reference=retrain)")

@@ -18,7 +18,8 @@ def test_key_depends_on_content_not_on_key_order():
 
 def test_second_request_is_a_hit_and_does_not_build(tmp_path):
     cache, builds = Cache(tmp_path), []
-    build = lambda: (builds.append(1), {"w": torch.arange(3.0)})[1]
+    def build():
+        return (builds.append(1), {"w": torch.arange(3.0)})[1]
     first, hit1 = cache.get_or_create("original", {"seed": 0}, build)
     second, hit2 = cache.get_or_create("original", {"seed": 0}, build)
     assert (hit1, hit2) == (False, True) and len(builds) == 1

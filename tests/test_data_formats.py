@@ -353,7 +353,7 @@ def test_imagefolder_flat_split(tmp_path: Path) -> None:
         assert n_train >= 1 and n_test >= 1 and n_train + n_test == n
     # Solid colours survive the bilinear resize exactly, so every pixel tells its class.
     for split in (src.train, src.test):
-        for img, label in zip(split.images, split.labels):
+        for img, label in zip(split.images, split.labels, strict=False):
             expected = torch.tensor(COLOURS[int(label)], dtype=torch.uint8)[:, None, None]
             assert torch.equal(img, expected.expand(3, 6, 6))
     again = load_imagefolder(tmp_path, image_size=6, test_fraction=0.2, seed=0)

@@ -64,7 +64,7 @@ def test_choose_classes_nested_as_fraction_grows_under_one_seed(seed):
     for smaller, larger in itertools.pairwise(sets):
         assert smaller < larger
     # fraction f and k=round(10 f) pick the same classes (one permutation drives both)
-    for f, s in zip(fractions, sets):
+    for f, s in zip(fractions, sets, strict=False):
         assert s == set(choose_classes(10, k=round(10 * f), seed=seed))
 
 

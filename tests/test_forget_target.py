@@ -139,7 +139,7 @@ def test_image_size_resizes_and_one_by_one_stages_are_reported(tiny, caplog):
 
 
 def test_bad_image_size_is_one_line_before_training(tiny):
-    with pytest.raises(ConfigError, match="data.image_size"):
+    with pytest.raises(ConfigError, match=r"data\.image_size"):
         load_data(tiny("data.image_size=0"))
 
 
@@ -149,7 +149,7 @@ def test_half_width_resnet18_keeps_the_stages_and_halves_the_channels():
     assert net.stage_names == ["layer1", "layer2", "layer3", "layer4"]
     assert net.body.layer4[1].conv2.out_channels == 256 and net.body.fc.in_features == 256
     assert one_by_one(stage_sizes(net, (1, 16, 16))) == []
-    with pytest.raises(ConfigError, match="backbone.model_args"):
+    with pytest.raises(ConfigError, match=r"backbone\.model_args"):
         build_classifier("resnet18", 10, 1, 16, [0.5], [0.25], model_args={"no_such_arg": 1})
 
 

@@ -36,7 +36,7 @@ INDICES = torch.tensor([17, 3, 44, 0, 29, 8, 31, 12, 49, 5, 26, 38, 1])
 def test_unshuffled_loader_yields_indices_once_in_order_with_scaled_images_and_labels():
     images, labels = _data()
     loader = TensorLoader(images, labels, INDICES, batch_size=4)
-    xs, ys = zip(*loader)
+    xs, ys = zip(*loader, strict=False)
     x, y = torch.cat(xs), torch.cat(ys)
     assert x.dtype == torch.float32
     assert torch.equal(x, images[INDICES].float() / 255)
@@ -165,7 +165,7 @@ def test_shift_is_a_zero_filled_translation_by_at_most_pad(pad):
     out = shift_flip(x, pad, False, torch.Generator().manual_seed(0))
     assert out.shape == x.shape
     seen = set()
-    for img, res in zip(x, out):
+    for img, res in zip(x, out, strict=False):
         matches = [(dy, dx) for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1)
                    if torch.equal(res, _shifted(img, dy, dx))]
         assert len(matches) == 1, "output is not a single zero-filled shift within pad"
@@ -189,9 +189,9 @@ def test_single_bright_pixel_moves_at_most_pad_and_stays_single():
 def test_flip_only_mirrors_horizontally():
     x = _batch()
     out = shift_flip(x, 0, True, torch.Generator().manual_seed(0))
-    same = [torch.equal(r, i) for i, r in zip(x, out)]
-    mirrored = [torch.equal(r, i.flip(2)) for i, r in zip(x, out)]  # W is dim 2 of C x H x W
-    assert all(s != m for s, m in zip(same, mirrored))  # each is exactly one of the two
+    same = [torch.equal(r, i) for i, r in zip(x, out, strict=False)]
+    mirrored = [torch.equal(r, i.flip(2)) for i, r in zip(x, out, strict=False)]  # W is dim 2 of C x H x W
+    assert all(s != m for s, m in zip(same, mirrored, strict=False))  # each is exactly one of the two
     assert any(same) and any(mirrored)
 
 
@@ -199,7 +199,7 @@ def test_shift_and_flip_combined_is_a_flip_of_a_shift():
     pad = 1
     x = _batch(n=32)
     out = shift_flip(x, pad, True, torch.Generator().manual_seed(2))
-    for img, res in zip(x, out):
+    for img, res in zip(x, out, strict=False):
         assert any(torch.equal(res, _shifted(img, dy, dx)) or torch.equal(res, _shifted(img, dy, dx).flip(2))
                    for dy in range(-pad, pad + 1) for dx in range(-pad, pad + 1))
 

@@ -44,7 +44,7 @@ def test_one_step_applies_minus_ce_gradient_and_raises_that_batch_ce(tiny, share
     batchnorm_eval(net0)  # what bn_mode=eval does during the step
     ce0 = F.cross_entropy(net0(x), y)
     expected = torch.autograd.grad(ce0, list(net0.parameters()))
-    for (n, _), g in zip(net0.named_parameters(), expected):
+    for (n, _), g in zip(net0.named_parameters(), expected, strict=False):
         torch.testing.assert_close(applied[n], -g, rtol=1e-5, atol=1e-7, msg=n)
     net_u = stage.module.net.eval()  # BN in eval mode both times: the same function as in the step
     with torch.no_grad():
@@ -58,7 +58,7 @@ def test_bn_eval_mode_keeps_running_statistics_and_train_mode_moves_them(tiny, s
     orig = dict(stage.original.named_buffers())
     same = [torch.equal(b, orig[n]) for n, b in stage.module.net.named_buffers() if "running" in n]
     assert same and all(same) == (bn_mode == "eval")
-    params = zip(stage.module.net.parameters(), stage.original.parameters())
+    params = zip(stage.module.net.parameters(), stage.original.parameters(), strict=False)
     assert any(not torch.equal(p, q) for p, q in params)
 
 

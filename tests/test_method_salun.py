@@ -1,4 +1,4 @@
-"""SalUn (METHODS.md §B salun): masked-out weights and optimizer state stay put; mask and labels right."""
+"""SalUn (docs/methods.md, salun): masked-out weights and optimizer state stay put; mask and labels right."""
 
 from __future__ import annotations
 

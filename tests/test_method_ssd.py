@@ -1,4 +1,4 @@
-"""SSD (METHODS.md §B ssd): one-shot, only shrinks the selected weights, α = ∞ is a no-op, deterministic."""
+"""SSD (docs/methods.md, ssd): one-shot, only shrinks the selected weights, α = ∞ is a no-op, deterministic."""
 
 from __future__ import annotations
 

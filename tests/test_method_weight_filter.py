@@ -1,4 +1,4 @@
-"""WF-Net (METHODS.md §C weight_filter): filters trained once on a frozen θ_o; unlearning = switching rows."""
+"""WF-Net (docs/methods.md, weight_filter): filters trained once on a frozen θ_o; unlearning = switching rows."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from mu_runner.metrics.scoring import predict
 from mu_runner.outputs import assemble
 from mu_runner.run import build
 
-# METHODS.md's bound (row c: class c < 1/K, every other class within 5 points) needs a well-trained original
+# docs/methods.md's bound (row c: class c < 1/K, every other class within 5 points) needs a well-trained original
 # (the 2-epoch tiny one is at 0.87 on the pool) and more filter steps than the ~10 per epoch tiny digits gives:
 # measured with 10 filter epochs: worst other-class drop 0.21 (row 7 on class 4); with 20: 0.04. At the digits
 # default lambda1 2 (chosen for ResNet-18) row 5 costs class 7 5.4 points on this tiny model; lambda1 1 holds.
@@ -61,7 +61,7 @@ def test_filter_is_trained_once_and_reused_by_every_forget_set(wf):
     assert len(trainings) == 1 and trainings[0].trainer.global_step > 0
     assert [s.module.prep_cached for s in stages] == [False, True, True]
     assert all(s.module.prep_seconds == stages[0].module.prep_seconds > 0 for s in stages)  # measured once
-    for a, b in zip(stages[0].module.filter.alpha, stages[2].module.filter.alpha):
+    for a, b in zip(stages[0].module.filter.alpha, stages[2].module.filter.alpha, strict=False):
         assert torch.equal(a, b)
 
 
@@ -78,7 +78,7 @@ def test_filters_cover_every_conv_and_linear_but_the_head(wf):
     filt = wf[0][0].module.filter
     wrapped = {n for n, m in filt.net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
     assert set(filt.layers) == wrapped - {"body.fc"}
-    assert all(a.shape == (10, filt.net.get_submodule(n).weight.shape[0]) for n, a in zip(filt.layers, filt.alpha))
+    assert all(a.shape == (10, filt.net.get_submodule(n).weight.shape[0]) for n, a in zip(filt.layers, filt.alpha, strict=False))
 
 
 def test_no_row_gives_the_original_outputs_bit_identical(wf):
@@ -130,7 +130,7 @@ def test_several_classes_multiply_their_rows(wf):
     expected = stage.original.get_parameter(f"{name}.weight") * (filt.alpha[-1][3] * filt.alpha[-1][8]).view(-1, 1, 1, 1)
     assert torch.equal(stage.module.net.get_parameter(f"{name}.weight"), expected)
     stage.module.switch(None)  # back to θ_o
-    assert all(torch.equal(p, q) for p, q in zip(stage.module.net.parameters(), stage.original.parameters()))
+    assert all(torch.equal(p, q) for p, q in zip(stage.module.net.parameters(), stage.original.parameters(), strict=False))
 
 
 def per_class_accuracy(net, stage, indices) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""weight_reset (METHODS.md §C): exactly floor(k·N) weights reset, pruned stay 0, E_r = 0 edits only them."""
+"""weight_reset (docs/methods.md, weight_reset): exactly floor(k·N) weights reset, pruned stay 0, E_r = 0 edits only them."""
 
 from __future__ import annotations
 

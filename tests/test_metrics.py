@@ -287,7 +287,7 @@ def test_stratified_subset_returns_n_sorted_unique_valid_indices(n):
     idx = stratified_subset(labels, n, seed=1)
     assert len(idx) == n
     assert idx.tolist() == sorted(set(idx.tolist()))
-    assert 0 <= int(idx.min()) and int(idx.max()) < 200
+    assert int(idx.min()) >= 0 and int(idx.max()) < 200
 
 
 @pytest.mark.parametrize("k, per_class, n", [(10, 30, 50), (10, 30, 17), (4, 25, 33), (3, 11, 5)])

@@ -98,4 +98,4 @@ class ForgetTarget(L.Callback):
     def summary(self) -> dict:
         return {"forget_target": self.target, "reached_target": self.reached, "stopped_at": self.stopped_at,
                 "stopped_epoch": self.stopped_epoch, "check_forget_acc": self.last_acc,
-                "n_check": int(len(self.indices))}
+                "n_check": len(self.indices)}

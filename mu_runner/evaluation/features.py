@@ -49,7 +49,7 @@ def penultimate_features(net: nn.Module, images: Tensor, batch_size: int = 512) 
 
 def probe_forget_acc(net: nn.Module, data: InMemoryData, classes: list[int] | None, seed: int = 0,
                      max_samples: int | None = None) -> float | None:
-    """Do the penultimate features still encode the forgotten classes? (METHODS.md probe_forget_acc)
+    """Do the penultimate features still encode the forgotten classes? (docs/evaluation.md, probe_forget_acc)
 
     A linear probe on frozen features of D_te (at most `max_samples`, stratified): fit on a
     stratified seeded half, accuracy on the other half's forget-class images. None for sample

@@ -6,7 +6,7 @@ the Decision Space", CVPR 2023, arXiv:2303.11570 (shrink variant).
 Only D_f is read. A frozen eval-mode copy of the original (the probe) finds, per forget batch,
 x' = clip_[0,1](x + ε·sign ∇_x CE(probe(x), y)) quantised to 1/255, and its nearest-but-incorrect
 label y_nbi = argmax probe(x'); the network then takes a step on CE(net(x), y_nbi) with the clean x.
-Deviation [design fix, METHODS.md]: `mask_forget_classes: true` masks y and all forget classes out
+Deviation [design fix, docs/methods.md]: `mask_forget_classes: true` masks y and all forget classes out
 of the argmax (a failed attack would otherwise return y and teach the model to keep the class, and
 a target inside C_F is no forgetting); `false` is the code-faithful plain argmax.
 Deviation [design, as grad_ascent's card]: `bn_mode: eval` keeps BatchNorm running statistics frozen,

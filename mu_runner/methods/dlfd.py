@@ -15,7 +15,7 @@ multiples of the balanced score's chance level σ_n = 0.5/√n, n = MIA samples 
 signal FS/σ_n has median ≈ 0.85 and 95th percentile ≈ 2 for n from 30 to 300): the card's absolute
 0.15 / 0.09 were set for the public code's unbalanced score, which sits at the majority rate (0.2347
 on digits whatever the model), so with ours they never let sample forgetting perturb.
-Faults of the public code avoided (METHODS.md pitfalls): OT on the *perturbed* features, not the
+Faults of the public code avoided (docs/methods.md, dlfd): OT on the *perturbed* features, not the
 clean ones (`ot_on_clean: true` is the code-faithful mode, where OT gives δ no gradient); pixel
 space [0, 1] (normalisation is inside the model); the monitor restores train mode; FS every k
 batches on ≤ 300 samples, not a full MIA per batch; Sinkhorn on the cost's device; δ in an

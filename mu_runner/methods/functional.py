@@ -14,7 +14,7 @@ from mu_runner.errors import ConfigError
 
 
 def allowed_targets(labels: Tensor, num_classes: int, forget_classes: list[int] | None) -> Tensor:
-    """Boolean (N, K): the classes each sample may be relabelled to (METHODS.md G6).
+    """Boolean (N, K): the classes each sample may be relabelled to (docs/methods.md, General rules).
 
     Class-wise: the retained classes (a target inside the forget set is no forgetting).
     Sample-wise: every class except the true one.
@@ -54,7 +54,7 @@ def forget_gradients(net: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -
             with torch.autocast(device_type=x.device.type, enabled=False):
                 loss = F.cross_entropy(net(x.float()), y)
             grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for (n, _), g in zip(params.items(), grads):
+            for (n, _), g in zip(params.items(), grads, strict=False):
                 if g is not None:
                     total[n] += g
     finally:
@@ -94,7 +94,7 @@ def top_fraction_mask(scores: dict[str, Tensor], ratio: float, count: int | None
         order = perm[torch.sort(flat[perm], descending=True, stable=True).indices]
     keep[order[:k]] = True
     sizes = [s.numel() for s in scores.values()]
-    return {n: m.view_as(s) for (n, s), m in zip(scores.items(), keep.split(sizes))}
+    return {n: m.view_as(s) for (n, s), m in zip(scores.items(), keep.split(sizes), strict=False)}
 
 
 def threshold_ties(scores: dict[str, Tensor], ratio: float) -> float:

@@ -9,7 +9,7 @@ Each forget sample gets one new label y' ∈ A(y) (C_R class-wise, else every cl
 `on_train_start`: `random_other` draws it from a generator seeded by `seed` (SalUn's `randint(0, K)`
 may return y itself), `nearest_wrong` takes θ_o's highest-scoring allowed class (eval mode, no
 augmentation). Schedules: `mixed` pairs each retain batch (anchor) with a cycled relabelled forget
-batch in one forward, L = CE(forget') + CE(retain) [design; deviation: METHODS.md's "shuffle
+batch in one forward, L = CE(forget') + CE(retain) [design; deviation: the specification's "shuffle
 D_f' ∪ D_r" sees each forget sample once per epoch, here D_f is cycled along a pass over D_r];
 `sequential` is one pass over D_f', then one over D_r, per epoch (SalUn's CIFAR-10 code).
 `target_counts` holds the per-class count of the new labels (also logged).

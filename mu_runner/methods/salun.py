@@ -114,7 +114,7 @@ class SalUn(UnlearningModule):
         parts = [(batch[s], w) for s, w in (("forget", 1.0), ("retain", self.retain_weight)) if s in batch]
         # mixed: one forward over both, so BN batch statistics are never those of the forget set alone
         logits = self.net(torch.cat([x for (x, _), _ in parts])).split([len(y) for (_, y), _ in parts])
-        return sum(w * F.cross_entropy(z, y) for z, ((_, y), w) in zip(logits, parts))
+        return sum(w * F.cross_entropy(z, y) for z, ((_, y), w) in zip(logits, parts, strict=False))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         for n, p in self.net.named_parameters():

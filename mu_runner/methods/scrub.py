@@ -8,7 +8,7 @@ Teacher T = frozen eval copy of θ_o; student S = the trained network (θ_o at t
 d(x) = τ²·KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), batch mean. Epoch e (0-based) is one *max* pass over
 D_f minimising −d(x_f) while e < M (`max_steps`), then one *min* pass over D_r minimising
 α·d(x_r) + γ·CE(z_S(x_r), y_r). lr ×0.1 at `lr_decay_epochs` is the yaml's MultiStepLR.
-Bugs of public code avoided (METHODS.md): the optimizer holds the student's parameters (base
+Bugs of public code avoided (docs/methods.md): the optimizer holds the student's parameters (base
 class); exactly M max passes, not M+1; `forget_batch_size` is honoured. With M = 0 the forget
 split is not even declared, so M = 0, α = 0, γ = 1 is `finetune` step for step.
 The yaml's digits default is the `large` preset shortened (E 3, M 2, decay at 2) with weight decay

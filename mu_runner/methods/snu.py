@@ -2,7 +2,7 @@
 
 Shaheryar, Lee, Jung, ISVC 2024 (selective noise unlearning with Grad-CAM), LNCS pp. 96–107,
 DOI 10.1007/978-3-031-77389-1_8 (no arXiv, no code; only the abstract is verified). Mechanism
-[design proxy, METHODS.md] = UNSIR: Tarun, Chundawat, Mandal, Kankanhalli, "Fast Yet Effective
+[design proxy, docs/methods.md, snu] = UNSIR: Tarun, Chundawat, Mandal, Kankanhalli, "Fast Yet Effective
 Machine Unlearning", IEEE TNNLS 2023, arXiv:2111.08947. Views: Grad-CAM (Selvaraju et al.,
 ICCV 2017, arXiv:1610.02391) through the `grad-cam` package.
 
@@ -177,7 +177,7 @@ class SNU(UnlearningModule):
             self.noise = noise.repeat(self.copies, 1, 1, 1)  # copy j of N_c keeps N_c's label c
             self.noise_labels = labels.repeat(self.copies)
         else:
-            x, y = (torch.cat(t) for t in zip(*dm.batches("forget")))
+            x, y = (torch.cat(t) for t in zip(*dm.batches("forget"), strict=False))
             gen = torch.Generator().manual_seed(self.seed)
             x, y = x.repeat(self.copies, 1, 1, 1), y.repeat(self.copies)
             eps = torch.randn(x.shape, generator=gen).to(x.device)

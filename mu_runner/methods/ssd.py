@@ -50,7 +50,7 @@ def importances(net: nn.Module, batches) -> dict[str, Tensor]:
         with torch.autocast(device_type=x.device.type, enabled=False):
             loss = F.cross_entropy(net(x.float()), y)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for n, g in zip(params, grads):
+        for n, g in zip(params, grads, strict=False):
             if g is not None:
                 total[n] += g.double().square()
         count += 1

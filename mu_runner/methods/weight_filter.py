@@ -151,14 +151,14 @@ class WeightFilter(OneShotModule):
             training = FilterTraining(filt, h["lr"], tuple(h["betas"]), h["epochs"], h["batch_size"], self.seed,
                                       h["rows_per_sample"], tuple(h["weights"]))
             fit(training, h["epochs"])
-            alpha = {f"alpha.{n}": a.detach().cpu() for n, a in zip(filt.layers, filt.alpha)}
+            alpha = {f"alpha.{n}": a.detach().cpu() for n, a in zip(filt.layers, filt.alpha, strict=False)}
             return {**alpha, "prep_seconds": torch.tensor(time.perf_counter() - start, dtype=torch.float64)}
 
         key = {"kind": "weight_filter", "original": spec, "filter": {**h, "seed": self.seed}}
         tensors, hit = cache.get_or_create("weight_filter", key, train)
         self.filter = FilterNet(original, data.num_classes, h["include_head"])
         with torch.no_grad():
-            for name, a in zip(self.filter.layers, self.filter.alpha):
+            for name, a in zip(self.filter.layers, self.filter.alpha, strict=False):
                 a.copy_(tensors[f"alpha.{name}"])
         self.filter.requires_grad_(False)
         self.prep_seconds, self.prep_cached = float(tensors["prep_seconds"]), hit

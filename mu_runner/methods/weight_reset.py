@@ -2,7 +2,7 @@
 
 Liao & Lin, "Machine unlearning by label reassignment vs weight resetting" (IEEE ISM 2024,
 DOI 10.1109/ISM63611.2024.00022; no arXiv, no code). The papers' findings are verified from the
-abstracts only, so the procedure below is [design], per METHODS.md §C weight_reset:
+abstracts only, so the procedure below is [design], per docs/methods.md, weight_reset:
 
 1. Score every eligible weight at θ_o (eval mode, no optimizer): `grad_forget` |Σ_batches ∇θ CE(D_f)|
    (default), `grad_ratio` g_f² / (g_r² + 1e-12) with g_r from a seeded 10 % subset of D_r, or
@@ -86,7 +86,7 @@ def recalibrate_batchnorm(net: nn.Module, batches) -> None:
         for x, _ in batches:
             net(x.float())
     finally:
-        for m, momentum in zip(norms, momenta):
+        for m, momentum in zip(norms, momenta, strict=False):
             m.momentum = momentum
         net.train(was_training)
 

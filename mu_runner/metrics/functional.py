@@ -213,7 +213,7 @@ def linear_probe_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test
     """Accuracy on (test_x, test_y) of a multinomial logistic regression fit on (train_x, train_y).
 
     Features are standardised with the training half's statistics; lbfgs, C = 1, max_iter 2000
-    (METHODS.md probe_forget_acc). None with no test sample; a single training class predicts it.
+    (docs/evaluation.md, probe_forget_acc). None with no test sample; a single training class predicts it.
     """
     if len(test_y) == 0:
         return None
