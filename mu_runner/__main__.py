@@ -47,6 +47,9 @@ def main(cfg: DictConfig) -> float | None:
     sweep goes on: one diverging method must not cost the other jobs.
     """
     from mu_runner.run import run  # heavy imports after Hydra has parsed the command line
+    from mu_runner.utils.console import quiet_libraries
+
+    quiet_libraries()
 
     try:
         if cfg.get("tune") is not None:  # experiment=tune: one Optuna trial over the tuning seeds

@@ -116,7 +116,7 @@ def write_outputs(stage, result: EvaluationResult, out: Path) -> dict:
         atomic_write_json(out / "umia_scores.json", result.per_example)
     _log_summary(stage, metrics)
     atomic_write_json(out / "metrics.json", metrics)  # last: its presence means finished
-    print(summary_table(metrics))
+    log.info("results\n%s", summary_table(metrics))  # in the run's log file too
     return metrics
 
 

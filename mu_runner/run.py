@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mu_runner.cache import Cache
 from mu_runner.callbacks.forget_target import ForgetTarget
+from mu_runner.callbacks.progress import phase_bar
 from mu_runner.callbacks.timing import UnlearnTimer
 from mu_runner.callbacks.validation import EpochValidation
 from mu_runner.data import forget as F
@@ -101,12 +103,18 @@ def new_net(cfg: DictConfig, data: InMemoryData) -> Classifier:
     return make(cfg.backbone, "backbone", num_classes=data.num_classes, in_chans=c, img_size=h, mean=mean, std=std)
 
 
-def _trainer(cfg: DictConfig, epochs: int, **kwargs) -> L.Trainer:
+def _trainer(cfg: DictConfig, epochs: int, phase: str = "train", **kwargs) -> L.Trainer:
+    """The configured Trainer; its progress bar (if enabled) is labelled with the phase."""
+    if cfg.trainer.get("enable_progress_bar", True):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), phase_bar(phase)]
     return instantiate(cfg.trainer, max_epochs=epochs, **kwargs)
 
 
+_RATE: list[float] = []  # seconds per training image-epoch, measured by the last fit_supervised
+
+
 def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, net: Classifier,
-                   recipe: OriginalRecipe | None = None) -> dict:
+                   recipe: OriginalRecipe | None = None, phase: str = "train") -> dict:
     """Train `net` with the recipe `cfg.train` on `retain`; returns its state dict.
 
     A method's own `recipe` (e.g. mnemonic codes mixed in) swaps the training module; what that
@@ -118,7 +126,14 @@ def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, ne
     module = SupervisedTraining(*args) if recipe is None else recipe.training(*args, data=data)
     dm = StageData(data, F.ForgetSplit(retain[:0], retain, None), cfg.seed)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
-    _trainer(cfg, t.epochs, logger=False, callbacks=[]).fit(module, datamodule=dm)
+    start, work = time.perf_counter(), t.epochs * len(retain)
+    eta = f", about {_RATE[0] * work:.0f} s" if _RATE else ""
+    log.info("%s: training %d epochs on %d images (train=%s)%s", phase, t.epochs, len(retain),
+             _choice("train") or "custom", eta)
+    _trainer(cfg, t.epochs, phase, logger=False, callbacks=[]).fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    _RATE[:] = [seconds / max(1, work)]  # the estimate for the next training of this process
+    log.info("%s: trained in %.1f s", phase, seconds)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     if recipe is not None:
         state.update({ARTIFACT_PREFIX + k: v.detach().cpu() for k, v in module.artifacts().items()})
@@ -172,15 +187,20 @@ def get_original(cfg: DictConfig, data: InMemoryData, cache: Cache,
     else:
         spec = {"kind": "original", **_recipe_spec(cfg), **({"method_recipe": recipe.key} if recipe else {})}
         state, hit = cache.get_or_create("original", spec, lambda: fit_supervised(
-            cfg, data, data.pool, new_net(cfg, data), **({"recipe": recipe} if recipe else {})))
+            cfg, data, data.pool, new_net(cfg, data), **({"recipe": recipe} if recipe else {}), phase="original"))
         where = f"cache entry {cache.path('original', spec)}"
+        if hit:
+            log.info("original: from the cache (%s)", cache.path("original", spec))
     net.artifacts = {k.removeprefix(ARTIFACT_PREFIX): v for k, v in state.items() if k.startswith(ARTIFACT_PREFIX)}
     return load_weights(net, {k: v for k, v in state.items() if not k.startswith(ARTIFACT_PREFIX)}, where), hit
 
 
 def get_reference(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit, cache: Cache) -> tuple[Classifier, bool]:
     spec = {"kind": "retrain", **_recipe_spec(cfg), "forget": split.fingerprint()}
-    state, hit = cache.get_or_create("retrain", spec, lambda: fit_supervised(cfg, data, split.retain, new_net(cfg, data)))
+    state, hit = cache.get_or_create("retrain", spec, lambda: fit_supervised(
+        cfg, data, split.retain, new_net(cfg, data), phase="reference"))
+    if hit:
+        log.info("reference: from the cache (%s)", cache.path("retrain", spec))
     return load_weights(new_net(cfg, data), state, f"cache entry {cache.path('retrain', spec)}"), hit
 
 
@@ -216,7 +236,8 @@ def build(cfg: DictConfig) -> Stage:
     if stopper is not None:
         callbacks.append(stopper)
         epochs = int(cfg.callbacks.get("max_epochs") or epochs)
-    trainer = _trainer(cfg, epochs, logger=build_logger(cfg) or False, callbacks=callbacks)
+    trainer = _trainer(cfg, epochs, _choice("method") or module.name, logger=build_logger(cfg) or False,
+                       callbacks=callbacks)
     umia, hits = build_umia(cfg, data, split, cache)
     return Stage(cfg, data, split, original, reference, module, trainer, StageData(data, split, cfg.seed),
                  timer, monitor, evaluator, {"original": hit_o, "retrain": hit_r, **hits}, umia, stopper, sizes)
@@ -286,7 +307,7 @@ def prepare_method(cfg: DictConfig, module: UnlearningModule, original: Classifi
     def fit(lit: L.LightningModule, epochs: int) -> None:
         dm = StageData(data, F.ForgetSplit(data.pool[:0], data.pool, None), cfg.seed)
         L.seed_everything(cfg.seed, workers=False, verbose=False)
-        _trainer(cfg, epochs, logger=False, callbacks=[]).fit(lit, datamodule=dm)
+        _trainer(cfg, epochs, "preparation", logger=False, callbacks=[]).fit(lit, datamodule=dm)
 
     module.prepare(cache, spec, original, data, fit)
 
@@ -320,6 +341,12 @@ def check_forget_kind(cfg: DictConfig) -> None:
                           f"forget={'|'.join(kinds)} only")
 
 
+def _choice(group: str) -> str | None:
+    """The group's option name in this Hydra run (e.g. method -> salun), None outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
 def make(node: DictConfig, what: str, **kwargs):
     """`instantiate(node)`; a MuRunnerError inside surfaces as itself, not wrapped by Hydra."""
     try:
@@ -351,8 +378,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         return flatten(json.loads(done.read_text()))
     stage = build(cfg)
     try:
+        name = _choice("method") or stage.module.name
+        log.info("%s: unlearning (%s)", name, f"at most {stage.trainer.max_epochs} epochs"
+                 if stage.module.optimizer_factory is not None else "one-shot")
+        start = time.perf_counter()
         stage.fit()
-        metrics = write_outputs(stage, stage.evaluate(), out)
+        log.info("%s: done in %.1f s; evaluation of original, unlearned and retrained model", name,
+                 time.perf_counter() - start)
+        result = stage.evaluate()
+        log.info("evaluation: done in %.1f s", result.seconds)
+        metrics = write_outputs(stage, result, out)
     finally:
         finish_logger(stage.trainer.logger)
     return flatten(metrics)

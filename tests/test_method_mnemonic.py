@@ -261,7 +261,7 @@ def test_grid_walk_on_known_accuracies():
     """functional.walk_grid on scripted (retain, forget) accuracies, base retain 0.9, tolerance 1 point."""
     def walk(table, budget=1.0):
         grid = [0.2, 0.4, 0.8, 1.6]
-        accs = dict(zip(grid, table))
+        accs = dict(zip(grid, table, strict=False))
 
         def try_value(v):
             r, f = accs[v]

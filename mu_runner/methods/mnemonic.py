@@ -196,7 +196,7 @@ def code_fisher(net: nn.Module, codes: Tensor, params: dict[str, Tensor], forget
         with torch.autocast(device_type=codes.device.type, enabled=False):
             loss = F.cross_entropy(net(codes[c : c + 1].float()), labels[c : c + 1])
         total = totals[0 if c in forget else 1]
-        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=False):
             total[n] += g.double().square()
     n_f, n_r = len(forget), len(codes) - len(forget)
     return ({n: t / n_f for n, t in totals[0].items()}, {n: t / n_r for n, t in totals[1].items()})
