@@ -137,12 +137,17 @@ def write_embedding(stage, out: Path) -> Path:
 
 
 def _log_images(stage, out: Path) -> None:
-    """W&B: every PNG of the run directory as an image (other loggers have no image panel)."""
+    """Every PNG of the run directory as an image of the logger (W&B media, TensorBoard's Images tab)."""
     logger = stage.trainer.logger
-    if logger is None or type(logger).__name__ != "WandbLogger":
-        return
+    kind = type(logger).__name__
     for png in sorted(out.glob("*.png")):
-        logger.log_image(key=f"plots/{png.stem}", images=[str(png)], step=stage.trainer.global_step)
+        if kind == "WandbLogger":
+            logger.log_image(key=f"plots/{png.stem}", images=[str(png)], step=stage.trainer.global_step)
+        elif kind == "TensorBoardLogger":  # its Images tab
+            import numpy as np
+            from PIL import Image
+            image = np.asarray(Image.open(png).convert("RGB"))
+            logger.experiment.add_image(f"plots/{png.stem}", image, stage.trainer.global_step, dataformats="HWC")
 
 
 def _yaml_name(cfg) -> str:

@@ -34,7 +34,7 @@ from mu_runner.methods.supervised import SupervisedTraining
 from mu_runner.models import Classifier, one_by_one, stage_sizes
 from mu_runner.outputs import write_outputs
 from mu_runner.settings import method_node
-from mu_runner.utils.loggers import build_logger, finish_logger
+from mu_runner.utils.loggers import build_logger, check_logger, finish_logger
 
 log = logging.getLogger("mu_runner")
 
@@ -113,8 +113,20 @@ def _trainer(cfg: DictConfig, epochs: int, phase: str = "train", **kwargs) -> L.
 _RATE: list[float] = []  # seconds per training image-epoch, measured by the last fit_supervised
 
 
+class _LossCurve(L.Callback):
+    """The training loss of every step, for the run's logger once the training is over."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.losses.append(float(loss))
+
+
 def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, net: Classifier,
-                   recipe: OriginalRecipe | None = None, phase: str = "train") -> dict:
+                   recipe: OriginalRecipe | None = None, phase: str = "train", logger=None) -> dict:
     """Train `net` with the recipe `cfg.train` on `retain`; returns its state dict.
 
     A method's own `recipe` (e.g. mnemonic codes mixed in) swaps the training module; what that
@@ -130,8 +142,12 @@ def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, ne
     eta = f", about {_RATE[0] * work:.0f} s" if _RATE else ""
     log.info("%s: training %d epochs on %d images (train=%s)%s", phase, t.epochs, len(retain),
              _choice("train") or "custom", eta)
-    _trainer(cfg, t.epochs, phase, logger=False, callbacks=[]).fit(module, datamodule=dm)
+    curve = _LossCurve()
+    _trainer(cfg, t.epochs, phase, logger=False, callbacks=[curve]).fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
+    if logger:  # the run's logger gets this training's curve as <phase>/train/loss (W&B, CSV, TensorBoard)
+        for step, loss in enumerate(curve.losses):
+            logger.log_metrics({f"{phase}/train/loss": loss}, step=step)
     _RATE[:] = [seconds / max(1, work)]  # the estimate for the next training of this process
     log.info("%s: trained in %.1f s", phase, seconds)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
@@ -173,7 +189,7 @@ def read_checkpoint(path: str) -> dict:
 
 
 def get_original(cfg: DictConfig, data: InMemoryData, cache: Cache,
-                 method_cls: type[UnlearningModule] | None = None) -> tuple[Classifier, bool]:
+                 method_cls: type[UnlearningModule] | None = None, logger=None) -> tuple[Classifier, bool]:
     """The original, cached; a method with its own `original_recipe` gets its own cache entry.
 
     Tensors stored next to the weights (ARTIFACT_PREFIX, e.g. mnemonic codes) are stripped before
@@ -187,7 +203,8 @@ def get_original(cfg: DictConfig, data: InMemoryData, cache: Cache,
     else:
         spec = {"kind": "original", **_recipe_spec(cfg), **({"method_recipe": recipe.key} if recipe else {})}
         state, hit = cache.get_or_create("original", spec, lambda: fit_supervised(
-            cfg, data, data.pool, new_net(cfg, data), **({"recipe": recipe} if recipe else {}), phase="original"))
+            cfg, data, data.pool, new_net(cfg, data), **({"recipe": recipe} if recipe else {}), phase="original",
+            logger=logger))
         where = f"cache entry {cache.path('original', spec)}"
         if hit:
             log.info("original: from the cache (%s)", cache.path("original", spec))
@@ -195,10 +212,11 @@ def get_original(cfg: DictConfig, data: InMemoryData, cache: Cache,
     return load_weights(net, {k: v for k, v in state.items() if not k.startswith(ARTIFACT_PREFIX)}, where), hit
 
 
-def get_reference(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit, cache: Cache) -> tuple[Classifier, bool]:
+def get_reference(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit, cache: Cache,
+                  logger=None) -> tuple[Classifier, bool]:
     spec = {"kind": "retrain", **_recipe_spec(cfg), "forget": split.fingerprint()}
     state, hit = cache.get_or_create("retrain", spec, lambda: fit_supervised(
-        cfg, data, split.retain, new_net(cfg, data), phase="reference"))
+        cfg, data, split.retain, new_net(cfg, data), phase="reference", logger=logger))
     if hit:
         log.info("reference: from the cache (%s)", cache.path("retrain", spec))
     return load_weights(new_net(cfg, data), state, f"cache entry {cache.path('retrain', spec)}"), hit
@@ -211,6 +229,7 @@ def build(cfg: DictConfig) -> Stage:
     make_method(cfg, net=None)  # bad method values raise before anything is trained
     check_eval(cfg)
     check_callbacks(cfg)
+    check_logger(cfg)
     check_forget_kind(cfg)
     data = load_data(cfg)
     split = make_split(cfg, data)
@@ -220,25 +239,29 @@ def build(cfg: DictConfig) -> Stage:
                     "a larger data.image_size avoids it", ", ".join(one_by_one(sizes)), *data.source.shape[1:])
     evaluator = Evaluator(data, split, cfg.eval, cfg.seed)
     cache = Cache(cfg.paths.cache_dir)
-    original, hit_o = get_original(cfg, data, cache, _target_class(cfg.method))
-    reference, hit_r = (None, None)
-    if cfg.reference == "retrain":
-        reference, hit_r = get_reference(cfg, data, split, cache)
-    method_cls = _target_class(cfg.method)
-    net = new_net(cfg, data) if method_cls.from_scratch else copy.deepcopy(original)
-    module = make_method(cfg, net=net)
-    prepare_method(cfg, module, original, data, cache)  # one-off, cached: outside unlearn_seconds
-    timer = UnlearnTimer()
-    monitor = EpochValidation(data, split, cfg.callbacks.eval_every_n_epochs)
-    callbacks: list = [timer, monitor]
-    stopper = forget_target(cfg, data, split, reference, module.target_min_epochs)
-    epochs = module.epochs
-    if stopper is not None:
-        callbacks.append(stopper)
-        epochs = int(cfg.callbacks.get("max_epochs") or epochs)
-    trainer = _trainer(cfg, epochs, _choice("method") or module.name, logger=build_logger(cfg) or False,
-                       callbacks=callbacks)
-    umia, hits = build_umia(cfg, data, split, cache)
+    logger = build_logger(cfg) or False  # before the trainings, so that it gets their curves
+    try:
+        original, hit_o = get_original(cfg, data, cache, _target_class(cfg.method), logger)
+        reference, hit_r = (None, None)
+        if cfg.reference == "retrain":
+            reference, hit_r = get_reference(cfg, data, split, cache, logger)
+        method_cls = _target_class(cfg.method)
+        net = new_net(cfg, data) if method_cls.from_scratch else copy.deepcopy(original)
+        module = make_method(cfg, net=net)
+        prepare_method(cfg, module, original, data, cache)  # one-off, cached: outside unlearn_seconds
+        timer = UnlearnTimer()
+        monitor = EpochValidation(data, split, cfg.callbacks.eval_every_n_epochs)
+        callbacks: list = [timer, monitor]
+        stopper = forget_target(cfg, data, split, reference, module.target_min_epochs)
+        epochs = module.epochs
+        if stopper is not None:
+            callbacks.append(stopper)
+            epochs = int(cfg.callbacks.get("max_epochs") or epochs)
+        trainer = _trainer(cfg, epochs, _choice("method") or module.name, logger=logger, callbacks=callbacks)
+        umia, hits = build_umia(cfg, data, split, cache)
+    except BaseException:
+        finish_logger(logger)  # a W&B run is never left open by a failed build
+        raise
     return Stage(cfg, data, split, original, reference, module, trainer, StageData(data, split, cfg.seed),
                  timer, monitor, evaluator, {"original": hit_o, "retrain": hit_r, **hits}, umia, stopper, sizes)
 

@@ -72,3 +72,18 @@ def offline_history(run_dir: str | Path, timeout: float = 30.0) -> dict[str, lis
                     key = item.key or "/".join(item.nested_key)
                     found.setdefault(key, []).append(json.loads(item.value_json))
     return found
+
+
+def offline_run_info(run_dir: str | Path, timeout: float = 30.0) -> list[dict]:
+    """Name, tags, group and job type of every offline run under `run_dir` (its `run` record)."""
+    out = []
+    for path in sorted(Path(run_dir).rglob("offline-run-*/*.wandb")):
+        deadline = time.monotonic() + timeout
+        runs = [r.run for r in _parsed(path) if r.WhichOneof("record_type") == "run"]
+        while not runs and time.monotonic() < deadline:
+            time.sleep(0.2)
+            runs = [r.run for r in _parsed(path) if r.WhichOneof("record_type") == "run"]
+        for run in runs[:1]:
+            out.append({"name": run.display_name, "tags": list(run.tags), "group": run.run_group,
+                        "job_type": run.job_type})
+    return out
