@@ -38,7 +38,7 @@ OmegaConf.register_new_resolver("mkdir", _mkdir, replace=True)
 OmegaConf.register_new_resolver("dirname", _dirname, replace=True)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://mu_runner.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one experiment; returns avg_gap so that a Hydra sweeper can minimise it.
 

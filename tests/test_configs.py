@@ -68,7 +68,8 @@ def test_every_option_composes_and_its_targets_bind(tiny, group, option):
     elif group == "backbone":
         _assert_binds(node, {"num_classes", "in_chans", "img_size", "mean", "std"})
     elif group == "method":
-        _assert_binds(node, {"net"})
+        from mu_runner.settings import method_node
+        _assert_binds(method_node(cfg), {"net"})  # the `search:` block is the tuner's, never the method's
     elif group in ("trainer", "logger") and "_target_" in node:
         _assert_binds(node, {"max_epochs", "logger", "callbacks"} if group == "trainer" else set())
     elif group == "train":
