@@ -70,6 +70,8 @@ def test_retrain_target_is_the_reference_accuracy_on_the_check_images(tiny, tmp_
     else:
         assert m["epochs_run"] == 4 and m["stopped_at"] is None
     assert "unlearned/reached_target" not in metrics  # a flag, not a number to average
+    from test_evaluation import readme_keys
+    assert set(m) - readme_keys() == set()  # the stopping rule's keys are documented
 
 
 def test_retrain_target_refuses_a_run_without_reference(tiny):
