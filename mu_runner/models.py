@@ -6,6 +6,8 @@ Methods that build or perturb inputs (boundary attacks, noise, codes) then work 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import timm
 import torch
 from torch import Tensor, nn
@@ -45,6 +47,11 @@ class Classifier(nn.Module):
         names = [f["module"] for f in getattr(self.body, "feature_info", [])]
         return [n for n in names if n and n.split(".")[0] not in STEM]
 
+    @property
+    def stage_channels(self) -> dict[str, int]:
+        """Stage name -> its output channels (timm's feature_info)."""
+        return {f["module"]: f["num_chs"] for f in getattr(self.body, "feature_info", []) if f.get("module")}
+
     def stage_of(self, param_name: str) -> str:
         """Stage a parameter belongs to: stem, a stage name (layer3, blocks.5), or the head."""
         name = param_name.removeprefix("body.")
@@ -74,27 +81,53 @@ def build_classifier(
     std: list[float],
     small_stem: bool | str = "auto",
     model_args: dict | None = None,
+    pretrained: bool = False,
+    checkpoint: str | None = None,
 ) -> Classifier:
-    """Build `name` from timm (no pretrained weights: nothing is downloaded). `model_args` go to
-    `timm.create_model` as they are (e.g. `channels` of a ResNet's four stages)."""
+    """Build any timm classification model `name` for `img_size` inputs.
+
+    Models that take timm's `img_size` argument (ViT, DeiT, Swin, ...) get the data's size, and for
+    small images (<= 64 px, `small_stem`) a patch of 2 px (<= 16 px) or 4 px where they take
+    `patch_size`; ResNet-style stems get a 3x3 stride-1 stem without max-pool. `model_args` go to
+    `timm.create_model` as they are. `pretrained=true` loads the local `checkpoint` through timm's
+    `pretrained_cfg_overlay` (its own head and input-channel adaptation; nothing is downloaded).
+    Whether the model takes this input size is checked by the runner with one forward pass of a single
+    sample before any training (`stage_sizes`).
+    """
     if small_stem not in ("auto", True, False):
         raise ConfigError(f"backbone.small_stem={small_stem!r}: allowed auto, true, false")
     small = img_size <= 64 if small_stem == "auto" else bool(small_stem)
-    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, "pretrained": False, **(model_args or {})}
-    is_vit = "vit" in name
-    if is_vit:
-        patch = (2 if img_size <= 16 else 4) if small else 16
-        kwargs.update(img_size=img_size, patch_size=patch)
-    try:
-        body = timm.create_model(name, **kwargs)
-    except RuntimeError as err:  # timm: "Unknown model (...)"
-        raise ConfigError(f"backbone.name={name!r}: {err}") from None
-    except TypeError as err:  # an argument the model does not take
-        raise ConfigError(f"backbone.model_args={dict(model_args or {})}: {err}") from None
-    if small and not is_vit and hasattr(body, "maxpool"):
+    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans, "pretrained": bool(pretrained),
+                    **(model_args or {})}
+    if pretrained:
+        if not checkpoint or not Path(str(checkpoint)).is_file():
+            raise ConfigError(f"backbone.pretrained=true needs backbone.checkpoint=<a local weights file> "
+                              f"(got {checkpoint!r}); no model hub is reached")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(checkpoint)}
+    sized = {"img_size": img_size, **({"patch_size": 2 if img_size <= 16 else 4} if small else {})}
+    body = None
+    for extra in (sized, {"img_size": img_size}, {}):  # the richest set of arguments the family takes
+        try:
+            body = timm.create_model(name, **{**extra, **kwargs})
+            break
+        except TypeError as err:
+            if not any(f"'{k}'" in str(err) for k in extra):
+                raise ConfigError(f"backbone.model_args={dict(model_args or {})}: {err}") from None
+        except RuntimeError as err:  # timm: "Unknown model (...)", a checkpoint that does not load
+            raise ConfigError(f"backbone.name={name!r}: {str(err).splitlines()[0]}") from None
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"backbone.checkpoint={checkpoint!r}: {str(err).splitlines()[0]}") from None
+    if small and hasattr(body, "maxpool") and hasattr(body, "conv1"):
         _small_stem(body, in_chans)
     # channels-last: about 25 % faster on CPU (oneDNN) and what tensor cores want on GPU
     return Classifier(body, mean, std).to(memory_format=torch.channels_last)
+
+
+def to_nchw(out: Tensor, channels: int | None) -> Tensor:
+    """A 4-D stage output as N, C, H, W (Swin-style stages return N, H, W, C)."""
+    if channels is not None and out.shape[1] != channels and out.shape[-1] == channels:
+        return out.permute(0, 3, 1, 2)
+    return out
 
 
 def stage_sizes(net: Classifier, shape: tuple[int, int, int]) -> dict[str, list[int]]:
@@ -107,7 +140,7 @@ def stage_sizes(net: Classifier, shape: tuple[int, int, int]) -> dict[str, list[
     def hook(name: str):
         def fn(_m, _i, out):
             out = out[0] if isinstance(out, tuple) else out
-            sizes[name] = list(out.shape[2:4]) if out.dim() == 4 else []
+            sizes[name] = list(to_nchw(out, net.stage_channels.get(name)).shape[2:4]) if out.dim() == 4 else []
         return fn
 
     handles = [modules[s].register_forward_hook(hook(s)) for s in net.stage_names if s in modules]

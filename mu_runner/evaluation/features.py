@@ -10,6 +10,7 @@ from mu_runner.data.datamodule import InMemoryData
 from mu_runner.data.forget import ForgetSplit
 from mu_runner.metrics import functional as MF
 from mu_runner.metrics.scoring import _device, half_split, scoring, stratified_subset
+from mu_runner.models import to_nchw
 
 
 def stage_features(net: nn.Module, stages: list[str], images: Tensor, batch_size: int = 512) -> dict[str, Tensor]:
@@ -17,10 +18,16 @@ def stage_features(net: nn.Module, stages: list[str], images: Tensor, batch_size
     modules = dict(net.named_modules())
     feats: dict[str, list[Tensor]] = {s: [] for s in stages}
 
+    channels = net.stage_channels if hasattr(net, "stage_channels") else {}
+
     def hook(name: str):
         def fn(_m, _i, out):
             out = out[0] if isinstance(out, tuple) else out
-            feats[name].append((out.mean((2, 3)) if out.dim() == 4 else out.mean(1) if out.dim() == 3 else out).float().cpu())
+            if out.dim() == 4:
+                out = to_nchw(out, channels.get(name.removeprefix("body."))).mean((2, 3))
+            elif out.dim() == 3:
+                out = out.mean(1)
+            feats[name].append(out.float().cpu())
         return fn
 
     handles = [modules[s].register_forward_hook(hook(s)) for s in stages]
