@@ -46,5 +46,5 @@ def test_pretrained_weights_come_from_a_local_checkpoint_with_timm_adapting_the_
 
 @pytest.mark.parametrize("checkpoint", [None, "missing.pth"])
 def test_pretrained_needs_a_local_file(checkpoint):
-    with pytest.raises(ConfigError, match="backbone.pretrained=true needs backbone.checkpoint"):
+    with pytest.raises(ConfigError, match=r"backbone\.pretrained=true needs backbone\.checkpoint"):
         build_classifier("test_resnet", 10, 1, 8, [0.5], [0.25], pretrained=True, checkpoint=checkpoint)
