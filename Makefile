@@ -28,12 +28,12 @@ results: setup
 	$(PY) -m mu_runner.report $(RESULTS_DIR) --md docs/results_digits.md \
 		--title "Methods on digits (ResNet-18, make results)"
 
-# The removed-classes study on digits (random_label, weight_reset; k = 1..5; 2 seeds) -> docs/study_digits.md
+# The removed-classes study at equal forgetting (random_label, weight_reset, salun; k = 1..5; 3 seeds) -> docs/study_digits.md
 STUDY_DIR ?= outputs/multiruns/forget_scaling
 study: setup
 	$(PY) -m mu_runner experiment=forget_scaling hydra.sweep.dir=$(STUDY_DIR) $(ARGS)
 	$(PY) -m mu_runner.report $(STUDY_DIR) --md docs/study_digits.md \
-		--title "The removed-classes study on digits (ResNet-18, make study)"
+		--title "The removed-classes study on digits (ResNet-18 at half width, 16 px, equal forgetting, make study)"
 
 # Per-example privacy on digits (train=memorize, eval.umia=lira, every method, seed 0) -> docs/privacy_digits.md
 PRIVACY_DIR ?= outputs/multiruns/privacy
