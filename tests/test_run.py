@@ -30,9 +30,9 @@ def count_training(monkeypatch):
     calls = []
     real = R.fit_supervised
 
-    def counting(cfg, data, retain, net):
+    def counting(cfg, data, retain, net, **kwargs):
         calls.append(len(retain))
-        return real(cfg, data, retain, net)
+        return real(cfg, data, retain, net, **kwargs)
 
     monkeypatch.setattr(R, "fit_supervised", counting)
     return calls
