@@ -120,11 +120,12 @@ def _sweep_params(experiment: str) -> tuple[dict, object]:
 
 def test_the_study_sweeps_live_in_yaml():
     params, cfg = _sweep_params("forget_scaling")
-    assert params == {"forget.k": "1,2,3,4,5", "method": "random_label,weight_reset", "seed": "0,1"}
+    assert params == {"forget.k": "1,2,3,4,5", "method": "random_label,weight_reset,salun", "seed": "0,1,2"}
     assert (cfg.data.name, cfg.backbone.name, cfg.forget.kind, str(cfg.hydra.mode)) == ("digits", "resnet18", "classes",
                                                                                       "RunMode.MULTIRUN")
+    assert cfg.data.image_size == 16 and cfg.callbacks.forget_target == "retrain"  # equal forgetting, no 1x1 stage
     params, cfg = _sweep_params("forget_scaling_cifar100")
-    assert params["forget.k"] == "1,5,10,20,50" and params["method"] == "random_label,weight_reset"
+    assert params["forget.k"] == "1,5,10,20,50" and params["method"] == "random_label,weight_reset,salun"
     assert (cfg.data.name, cfg.backbone.name, cfg.trainer.accelerator) == ("cifar100", "resnet50", "gpu")
 
 
@@ -138,7 +139,7 @@ def test_study_command_line_adds_a_method_and_the_report_reads_the_sweep(tmp_pat
     sweep = tmp_path / "sweep"
     tiny = [o for o in TINY if not o.startswith("method=")]
     res = subprocess.run([sys.executable, "-m", "mu_runner", "experiment=forget_scaling", *tiny, "train.epochs=1",
-                          "forget.k=1,2", "method=original", "seed=0", "reference=none",
+                          "forget.k=1,2", "method=original", "seed=0", "reference=none", "callbacks.forget_target=null",
                           f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
