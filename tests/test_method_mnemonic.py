@@ -1,4 +1,4 @@
-"""Mnemonic codes (METHODS.md §C mnemonic): code-mixed original in its own cache entry; one-shot
+"""Mnemonic codes (docs/methods.md, mnemonic): code-mixed original in its own cache entry; one-shot
 θ ± α_l·η^l from the codes alone; data-free selection reads no split; exact training codes."""
 
 from __future__ import annotations

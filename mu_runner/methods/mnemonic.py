@@ -9,14 +9,14 @@ Eqs. 5-7), one-shot, eval mode, float32: g_c = ∇θ CE(f(ξ_c), c), one backwar
 f_F, f_R = mean of g_c² over forgotten / retained classes; η = f_F / (f_R + ε); per tensor
 α_l = min(λ1, λ2 / max η^l); of θ ± α_l·η^l keep the one with the larger retain accuracy + forget error.
 
-Deliberate choices ([design], METHODS.md §C mnemonic):
+Deliberate choices ([design], docs/methods.md, mnemonic):
 - the original is the method's own (`original_recipe`): the runner trains and caches it apart
   from the plain original; the codes and their SHA-256 are stored in that cache entry, and the
   unlearning checks the hash and that `seed` regenerates exactly those codes;
 - codes live in pixel space as μ + σ·ξ (exactly N(0, I) after the model's Normalize), unclamped
   (clamping to [0, 1] would make them non-Gaussian), and skip augmentation;
 - only conv and linear weights are perturbed (not BatchNorm, not biases); squares in float64;
-- ε (`eps`) defaults to 1e-6, not METHODS.md's 1e-12: with 1e-12, η explodes wherever the retain
+- ε (`eps`) defaults to 1e-6, not the specification's 1e-12: with 1e-12, η explodes wherever the retain
   codes leave a weight untouched (f_R ~ 0), and on digits no λ1/λ2 forgot the class without a
   retain accuracy drop of more than 6 points (validation numbers in conf/method/mnemonic.yaml);
 - the candidate is chosen on `val_per_class` stratified validation images per class
