@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint clean results report study privacy
+.PHONY: setup run test lint clean results report study privacy tune
 setup: $(STAMP)
 
 # constraints.txt pins torch 2.14.1 + torchvision 0.29.1 (local files) and everything else,
@@ -34,6 +34,13 @@ study: setup
 	$(PY) -m mu_runner experiment=forget_scaling hydra.sweep.dir=$(STUDY_DIR) $(ARGS)
 	$(PY) -m mu_runner.report $(STUDY_DIR) --md docs/study_digits.md \
 		--title "The removed-classes study on digits (ResNet-18 at half width, 16 px, equal forgetting, make study)"
+
+# Tune every method's knobs against the retrained model (seeds 0-2, validation views; resumable:
+# each study lives in outputs/tuning/<method>.db) -> outputs/tuning/<method>/optimization_results.yaml
+TUNE_METHODS ?= ssd weight_filter mnemonic finetune grad_ascent neggrad_plus random_label salun \
+	l1_sparse bad_teacher scrub boundary_shrink dlfd snu weight_reset
+tune: setup
+	for m in $(TUNE_METHODS); do $(PY) -m mu_runner experiment=tune method=$$m $(ARGS) || exit 1; done
 
 # Per-example privacy on digits (train=memorize, eval.umia=lira, every method, seed 0) -> docs/privacy_digits.md
 PRIVACY_DIR ?= outputs/multiruns/privacy

@@ -17,7 +17,7 @@ from mu_runner.cache import Cache
 from mu_runner.data.loaders import TensorLoader
 from mu_runner.errors import CheckpointError, ConfigError
 from mu_runner.methods.functional import Candidate, walk_grid
-from mu_runner.methods.mnemonic import CODE_SALT, Mnemonic, make_codes
+from mu_runner.methods.mnemonic import CODE_SALT, Mnemonic, make_codes, score_candidate, step_sizes
 from mu_runner.run import _recipe_spec, build, fit_supervised, load_data, new_net
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -93,7 +93,8 @@ def test_each_perturbed_tensor_moves_by_one_global_sign_times_alpha_eta(mn):
         # float32 rounding of θ_o + s·α·η is the only slack: rtol 1e-6 plus one ulp of the weight
         tol = 1e-6 * expected.abs() + EPS32 * torch.maximum(a.abs(), b.abs())
         assert ((a - b) - expected).abs().le(tol).all(), n
-        assert m.alpha[n] == min(m.lambda1, m.lambda2 / float(m.eta[n].max())), n
+        lam1 = m.lambda1 / m.eta_max  # relative λ1 (the default): in units of the largest η
+        assert m.alpha[n] == (lam1 if m.lambda2 is None else min(lam1, m.lambda2 / float(m.eta[n].max()))), n
         moved += int(((a - b).abs() > tol).sum())  # so that the opposite sign would fail
     assert moved > 0
 
@@ -109,15 +110,51 @@ def test_only_conv_and_linear_weights_move_the_rest_is_bit_identical(mn):
             assert torch.equal(v, original[k]), k
 
 
-def test_no_weight_moves_more_than_lambda2_and_both_caps_bind(mn):
+def test_relative_lambda1_is_the_largest_change_of_any_weight(mn):
     stage, _ = mn
     m = stage.module
+    assert m.relative and m.lambda2 is None  # the defaults
     before, after = dict(stage.original.named_parameters()), dict(m.net.named_parameters())
+    largest = 0.0
     for n in m.perturbed:  # up to float32 rounding of the updated weight
         a, b = after[n].detach().double(), before[n].detach().double()
-        assert ((a - b).abs() <= m.lambda2 + EPS32 * torch.maximum(a.abs(), b.abs())).all(), n
-    caps = {a == m.lambda1 for a in m.alpha.values()}
-    assert caps == {True, False}  # some tensors capped by λ1, others by λ2 / max η
+        ulp = EPS32 * torch.maximum(a.abs(), b.abs())
+        assert ((a - b).abs() <= m.lambda1 + ulp).all(), n
+        largest = max(largest, float((a - b).abs().max()))
+    assert largest == pytest.approx(m.lambda1, rel=1e-5)  # the weight with the largest η moves by λ1
+    assert m.choices()["lambda1_absolute"] == pytest.approx(m.lambda1 / m.eta_max)
+
+
+def test_step_sizes_on_known_eta_relative_is_scale_free_and_lambda2_caps_per_tensor():
+    eta = {"a": torch.tensor([4.0, 1.0]), "b": torch.tensor([1.0, 0.5])}
+    assert step_sizes(eta, 1.0, None, relative=True) == {"a": 0.25, "b": 0.25}  # λ1 / max η = 1 / 4
+    assert step_sizes(eta, 1.0, 0.5, relative=True) == {"a": 0.125, "b": 0.25}  # λ2 / max η_a = 0.5 / 4 binds
+    assert step_sizes(eta, 0.1, 0.2, relative=False) == {"a": 0.05, "b": 0.1}  # the paper's absolute λ1
+    for scale in (1e-6, 1e3):  # relative: the edit α·η does not depend on the scale of η; absolute: it does
+        scaled = {n: e * scale for n, e in eta.items()}
+        for n, alpha in step_sizes(scaled, 1.0, None, relative=True).items():
+            torch.testing.assert_close(alpha * scaled[n], 0.25 * eta[n])
+        assert step_sizes(scaled, 0.1, None, relative=False)["a"] * float(scaled["a"].max()) == pytest.approx(0.4 * scale)
+    assert step_sizes({"a": torch.zeros(3)}, 1.0, None, relative=True) == {"a": 0.0}  # nothing to move
+
+
+def test_score_candidate_reports_the_largest_own_class_probability_of_forget_images():
+    """Known probabilities, K = 4, forget class 0: both class-0 images are misclassified, but the first
+    still gives class 0 probability 0.3 (above chance, 1/4): outvoted, not forgotten with a margin."""
+    probs = torch.tensor([[0.30, 0.40, 0.20, 0.10],   # class 0, predicted 1
+                          [0.05, 0.05, 0.80, 0.10],   # class 0, predicted 2
+                          [0.10, 0.70, 0.10, 0.10],   # class 1, right
+                          [0.10, 0.10, 0.20, 0.60]])  # class 2, predicted 3
+
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return probs.log()[x[:, 0, 0, 0].long()]
+
+    x, y = torch.arange(4.0).view(4, 1, 1, 1), torch.tensor([0, 0, 1, 2])
+    score, forget_acc, retain_acc, prob = score_candidate(Fixed(), x, y, [0])
+    assert (forget_acc, retain_acc) == (0.0, 0.5) and score == pytest.approx(1.5)
+    assert prob == pytest.approx(0.30)  # > 1/K: does not count as forgetting
+    assert score_candidate(Fixed(), x[1:], y[1:], [0])[3] == pytest.approx(0.05)  # <= 1/K: counts
 
 
 def test_fisher_ratio_of_the_head_matches_brute_force_on_the_codes(mn):
@@ -228,45 +265,36 @@ def test_unlearning_refuses_codes_other_than_the_training_codes(mn):
         Mnemonic(plain)
 
 
-def test_lambda2_grid_walks_up_from_the_first_step_that_forgets_while_retain_holds(mn):
+def test_lambda1_grid_stops_at_the_first_step_that_forgets_below_chance(mn):
     m = mn[0].module
-    tried = sorted({c[0] for c in m.candidates})
+    tried = sorted({c.value for c in m.candidates})
     assert tried == m.grid[: len(tried)]  # ascending, no step skipped
-    for c in m.candidates:  # score = retain accuracy + forget error
+    chance = 1.0 / len(m.codes)
+    for c in m.candidates:  # score = retain accuracy + forget error; forgets = misclassified AND below chance
         assert 0 <= c.forget_acc <= 1 and 0 <= c.retain_acc <= 1 and c.score == pytest.approx(c.retain_acc + 1 - c.forget_acc)
+        assert c.forgets == (c.forget_acc <= m.forget_tolerance and m.forget_prob[(c.value, c.variant)] <= chance)
     best = {lam: max((c for c in m.candidates if c.value == lam), key=lambda c: c.score) for lam in tried}
-    for c in m.candidates:
-        assert c.forgets == (c.forget_acc <= m.forget_tolerance)
     forgets = [lam for lam in tried if best[lam].forgets]
-    if not forgets:  # nothing forgets: every step was tried and the best-scoring one is taken
-        assert tried == m.grid and best[m.lambda2].score == max(c.score for c in m.candidates)
-    else:
-        first = forgets[0]
-        assert m.lambda2 >= first and best[m.lambda2].forgets
-        for lam in tried:
-            if first < lam <= m.lambda2:  # each step beyond the first still forgets at no further retain cost
-                assert best[lam].retain_acc >= best[first].retain_acc - m.retain_tolerance
-        after = [lam for lam in tried if lam > m.lambda2]
-        assert len(after) <= 1  # stopped at the first step that fails
-        if after:
-            c = best[after[0]]
-            assert not c.forgets or c.retain_acc < best[first].retain_acc - m.retain_tolerance
-        else:
-            assert m.lambda2 == m.grid[-1]
-    assert m.scores == {c.variant: c.score for c in m.candidates if c.value == m.lambda2}
+    assert forgets in ([], [tried[-1]])  # margin_steps 0: the walk ends at the first step that forgets
+    if forgets and best[forgets[0]].retain_acc >= m.base_retain - m.retain_budget:
+        assert m.lambda1 == forgets[0] and m.choices()["forget_prob_max"] <= chance
+    else:  # nothing forgets within the budget: the best-scoring tried step
+        assert best[m.lambda1].score == max(c.score for c in m.candidates)
+        assert forgets or tried == m.grid
+    assert m.scores == {c.variant: c.score for c in m.candidates if c.value == m.lambda1}
     assert m.scores[m.sign] == max(m.scores.values())
 
 
 def test_grid_walk_on_known_accuracies():
     """functional.walk_grid on scripted (retain, forget) accuracies, base retain 0.9, tolerance 1 point."""
-    def walk(table, budget=1.0):
+    def walk(table, budget=1.0, max_extra=None):
         grid = [0.2, 0.4, 0.8, 1.6]
         accs = dict(zip(grid, table, strict=False))
 
         def try_value(v):
             r, f = accs[v]
             return [Candidate(v, s, r + 1 - f, f, r, f <= 0.01) for s in (1, -1)]
-        tried, chosen = walk_grid(grid, try_value, 0.9, 0.01, budget)
+        tried, chosen = walk_grid(grid, try_value, 0.9, 0.01, budget, max_extra)
         assert chosen.variant == 1  # equal scores: the first variant kept
         return chosen.value, sorted({c.value for c in tried})
 
@@ -279,11 +307,18 @@ def test_grid_walk_on_known_accuracies():
     # a budget: the first step that forgets costs 40 points > 5, so the walk stops there and keeps the best score
     assert walk([(0.9, 0.5), (0.88, 0.2), (0.5, 0.0), (0.9, 0.0)], budget=0.05) == (0.4, [0.2, 0.4, 0.8])
     assert walk([(0.9, 0.5), (0.88, 0.2), (0.5, 0.0), (0.9, 0.0)]) == (1.6, [0.2, 0.4, 0.8, 1.6])  # no budget
+    # max_extra: at most that many steps beyond the first that forgets, and nothing stronger is tried
+    table = [(0.9, 0.5), (0.9, 0.0), (0.9, 0.0), (0.9, 0.0)]
+    assert walk(table, max_extra=0) == (0.4, [0.2, 0.4])  # mnemonic's default (margin_steps 0)
+    assert walk(table, max_extra=1) == (0.8, [0.2, 0.4, 0.8])
+    assert walk(table) == (1.6, [0.2, 0.4, 0.8, 1.6])  # None: no limit (ssd)
+    assert walk([(0.9, 0.5), (0.9, 0.3), (0.9, 0.2), (0.8, 0.1)], max_extra=0) == (0.8, [0.2, 0.4, 0.8, 1.6])
 
 
 @pytest.mark.parametrize("key, value", [("selection", "data"), ("t_mix", "0"), ("lambda1", "-1"), ("lambda2", "0"), ("eps", "0"),
-                                        ("lambda2_grid", "[]"), ("lambda2_grid", "[0.2,-1]"), ("forget_tolerance", "1"),
-                                        ("retain_tolerance", "-0.1")])
+                                        ("lambda1_grid", "[]"), ("lambda1_grid", "[0.2,-1]"), ("forget_tolerance", "1"),
+                                        ("retain_tolerance", "-0.1"), ("max_forget_prob", "0"), ("margin_steps", "-1"),
+                                        ("retain_budget", "2")])
 def test_mnemonic_rejects_bad_hyperparameters_before_training(tiny, key, value):
     cfg = tiny("method=mnemonic", f"method.{key}={value}")
     with pytest.raises(ConfigError, match=rf"method\.{key}="):

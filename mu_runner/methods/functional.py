@@ -197,7 +197,7 @@ def sinkhorn_plan(cost: Tensor, epsilon: float = 0.01, max_iter: int = 50, tol: 
 class Candidate(NamedTuple):
     """One tried setting of a one-shot edit, scored on a held-out selection set."""
 
-    value: float  # the grid value (mnemonic's λ2, SSD's α)
+    value: float  # the grid value (mnemonic's λ1, SSD's α)
     variant: int  # a second choice tried at each value (mnemonic's sign), else 0
     score: float  # retain accuracy + forget error (higher is better)
     forget_acc: float
@@ -206,20 +206,25 @@ class Candidate(NamedTuple):
 
 
 def walk_grid(grid: Iterable[float], try_value: Callable[[float], list[Candidate]], base_retain: float,
-              retain_tolerance: float, retain_budget: float = 1.0) -> tuple[list[Candidate], Candidate]:
+              retain_tolerance: float, retain_budget: float = 1.0,
+              max_extra: int | None = None) -> tuple[list[Candidate], Candidate]:
     """Walk a grid from the gentlest edit to the strongest; returns (every candidate tried, the chosen one).
 
     At each value the variant with the best score is taken (a tie keeps the first). Chosen: the first
     value that forgets, if its retain accuracy is within `retain_budget` of the unedited model's
     (`base_retain`); then each next value while it still forgets and keeps the retain accuracy
     within `retain_tolerance` of that first one's (a stronger edit at no further retain cost leaves
-    a margin for forget images the selection set lacks).
+    a margin for forget images the selection set lacks), at most `max_extra` of them (None: no limit;
+    0: the first value that forgets, and nothing stronger is tried).
     The walk stops at the first value that fails. When no value forgets within the budget, the
     tried candidate with the best score.
     """
     tried: list[Candidate] = []
     chosen = first = None
+    extra = 0
     for value in grid:
+        if first is not None and max_extra is not None and extra >= max_extra:
+            break
         variants = try_value(value)
         tried += variants
         best = max(variants, key=lambda c: c.score)
@@ -229,7 +234,7 @@ def walk_grid(grid: Iterable[float], try_value: Callable[[float], list[Candidate
                     break  # forgetting here costs more than the budget: stronger edits would cost more
                 chosen = first = best
         elif best.forgets and best.retain_acc >= first.retain_acc - retain_tolerance:
-            chosen = best
+            chosen, extra = best, extra + 1
         else:
             break
     return tried, chosen if chosen is not None else max(tried, key=lambda c: c.score)

@@ -18,18 +18,24 @@ Deliberate choices ([design], docs/methods.md, mnemonic):
 - only conv and linear weights are perturbed (not BatchNorm, not biases); squares in float64;
 - ε (`eps`) defaults to 1e-6, not the specification's 1e-12: with 1e-12, η explodes wherever the retain
   codes leave a weight untouched (f_R ~ 0), and on digits no λ1/λ2 forgot the class without a
-  retain accuracy drop of more than 6 points (validation numbers in conf/method/mnemonic.yaml);
+  retain accuracy drop of more than 6 points (docs/tuning/mnemonic.md);
+- λ1 is relative (`lambda1_relative`): λ1 / max η, the max over every perturbed weight, so λ1 is the
+  largest change of any weight. The scale of η follows how well the original memorised the codes
+  (max η 0.04 on one digits original, 1.3e5 on another), so an absolute λ1 that forgets on one
+  original moves nothing on the next. `lambda2` (the per-tensor cap) defaults to null, none: the
+  authors' configs (λ2 10 and 1e4) leave it inactive too, and on digits a cap cost retain accuracy
+  at every forgetting step;
 - the candidate is chosen on `val_per_class` stratified validation images per class
   (`selection: val`) or on the codes alone (`selection: codes`, data-free); a tie keeps +;
-- `lambda2_grid` (not in the paper): the step λ2 that forgets a class differs from class to class
-  (on digits 0.2 for class 4, where 0.3 already costs 2 retain points; 0.6 for class 5; 1.2 for
-  class 8), so the grid is walked upwards: the first λ2 whose better sign brings the selection
-  set's forget accuracy to `forget_tolerance` or below, then each next λ2 as long as it still
-  forgets and keeps the retained classes' selection accuracy within `retain_tolerance` of that
-  first step's — a stronger step at no further retain cost leaves a margin for the forget images the
-  ~15 validation images a class do not show (on class 5, λ2 0.8 forgot every validation image but
-  4 of 131 training images; 1.6 forgets them all at the same validation retain accuracy). When no
-  step forgets, the tried step with the best score (`functional.walk_grid`); null: the fixed `lambda2`;
+- `lambda1_grid` (not in the paper), walked upwards (`functional.walk_grid`) in factors of √2: the
+  step is the first λ1 whose better sign *forgets with a margin* on the selection set: at most
+  `forget_tolerance` of the forgotten classes' selection images classified as their class, and none
+  of them giving its class more than `max_forget_prob` (null: 1/K, chance). A class the model still
+  ranks a close second on its own images is outvoted, not forgotten, and training images that the
+  ~15 validation images of a class do not show are then still recognised (digits: up to 6 % of D_f
+  one √2 step before the chance margin held, 0 % at it). Nothing stronger is tried (`margin_steps`
+  0). A step whose selection retain accuracy is more than `retain_budget` below the unedited
+  model's ends the walk; then, as when no step forgets, the tried step with the best score;
 - class-level only: codes are per class, so sample forgetting is refused.
 """
 
@@ -100,21 +106,26 @@ class Mnemonic(OneShotModule):
     anchor = "forget"  # no batch is trained; a `selection: val` pass reads D_val in `edit`
     forget_kinds = ("classes",)
 
-    def __init__(self, net: nn.Module, lambda1: float = 1e-3, lambda2: float = 0.2, eps: float = 1e-6,
+    def __init__(self, net: nn.Module, lambda1: float = 1.6, lambda2: float | None = None, eps: float = 1e-6,
                  t_mix: float = 0.05, selection: str = "val", val_per_class: int = 20, batch_size: int = 256,
-                 seed: int = 0, lambda2_grid: list[float] | None = None, forget_tolerance: float = 0.01,
-                 retain_tolerance: float = 0.01) -> None:
+                 seed: int = 0, lambda1_relative: bool = True, lambda1_grid: list[float] | None = None,
+                 forget_tolerance: float = 0.01, max_forget_prob: float | None = None, margin_steps: int | None = 0,
+                 retain_tolerance: float = 0.01, retain_budget: float | None = 0.05) -> None:
         super().__init__(net, batch_size=batch_size, seed=seed)
-        if not (lambda1 > 0 and lambda2 > 0):
-            raise ConfigError(f"method.lambda1={lambda1}, method.lambda2={lambda2}: need both > 0")
-        if lambda2_grid is not None and (len(lambda2_grid) == 0 or not all(float(v) > 0 for v in lambda2_grid)):
-            raise ConfigError(f"method.lambda2_grid={list(lambda2_grid)}: need a non-empty list of values > 0 (or null)")
+        if not (lambda1 > 0 and (lambda2 is None or lambda2 > 0)):
+            raise ConfigError(f"method.lambda1={lambda1}, method.lambda2={lambda2}: need both > 0 (lambda2 may be null)")
+        if lambda1_grid is not None and (len(lambda1_grid) == 0 or not all(float(v) > 0 for v in lambda1_grid)):
+            raise ConfigError(f"method.lambda1_grid={list(lambda1_grid)}: need a non-empty list of values > 0 (or null)")
         if not 0 <= forget_tolerance < 1:
             raise ConfigError(f"method.forget_tolerance={forget_tolerance}: need 0 <= tolerance < 1")
-        self.grid = sorted(float(v) for v in lambda2_grid) if lambda2_grid is not None else [float(lambda2)]
+        if max_forget_prob is not None and not 0 < max_forget_prob <= 1:
+            raise ConfigError(f"method.max_forget_prob={max_forget_prob}: need 0 < p <= 1 (or null: 1/K)")
+        if margin_steps is not None and int(margin_steps) < 0:
+            raise ConfigError(f"method.margin_steps={margin_steps}: need >= 0 (or null: no limit)")
         if not 0 <= retain_tolerance < 1:
             raise ConfigError(f"method.retain_tolerance={retain_tolerance}: need 0 <= tolerance < 1")
-        self.forget_tolerance, self.retain_tolerance = float(forget_tolerance), float(retain_tolerance)
+        if retain_budget is not None and not 0 <= retain_budget <= 1:
+            raise ConfigError(f"method.retain_budget={retain_budget}: need 0 <= budget <= 1 (or null)")
         if not eps > 0:
             raise ConfigError(f"method.eps={eps}: need eps > 0 (eta = f_F / (f_R + eps))")
         if not 0 < t_mix < 1:
@@ -123,9 +134,15 @@ class Mnemonic(OneShotModule):
             raise ConfigError(f"method.selection={selection!r}: allowed val, codes")
         if int(val_per_class) <= 0:
             raise ConfigError(f"method.val_per_class={val_per_class}: need > 0")
-        self.lambda1, self.lambda2, self.eps, self.selection = float(lambda1), float(lambda2), float(eps), selection
-        self.val_per_class = int(val_per_class)
-        self.candidates, self.sign = [], 1  # set by `edit`
+        self.grid = sorted(float(v) for v in lambda1_grid) if lambda1_grid is not None else [float(lambda1)]
+        self.lambda1, self.relative = float(lambda1), bool(lambda1_relative)
+        self.lambda2 = None if lambda2 is None else float(lambda2)
+        self.eps, self.selection, self.val_per_class = float(eps), selection, int(val_per_class)
+        self.forget_tolerance, self.retain_tolerance = float(forget_tolerance), float(retain_tolerance)
+        self.max_forget_prob = None if max_forget_prob is None else float(max_forget_prob)
+        self.margin_steps = None if margin_steps is None else int(margin_steps)
+        self.retain_budget = 1.0 if retain_budget is None else float(retain_budget)
+        self.candidates, self.sign, self.forget_prob, self.eta_max = [], 1, {}, 0.0  # set by `edit`
         if net is not None:  # net=None: the runner only validates the arguments
             self.register_buffer("codes", verified_codes(net, self.seed), persistent=False)
             seconds = net.artifacts.get("train_seconds")  # training the code-mixed original, once
@@ -146,30 +163,39 @@ class Mnemonic(OneShotModule):
                               if isinstance(mod, (nn.Conv2d, nn.Linear))}
             f_f, f_r = code_fisher(self.net, self.codes, self.perturbed, forget)
             self.eta = {n: f_f[n] / (f_r[n] + self.eps) for n in self.perturbed}
+            self.eta_max = max(float(e.max()) for e in self.eta.values())
             start = {n: p.detach().clone() for n, p in self.perturbed.items()}
             x, y = self.selection_set()
             self.base_retain = score_candidate(self.net, x, y, forget)[2]  # the unedited model's
+            max_prob = self.max_forget_prob if self.max_forget_prob is not None else 1.0 / len(self.codes)
+            self.forget_prob = {}
 
-            def try_step(lambda2: float) -> list[tuple]:
-                self.alpha = {n: step_size(e, self.lambda1, lambda2) for n, e in self.eta.items()}
+            def try_step(lambda1: float) -> list[Candidate]:
+                self.alpha = step_sizes(self.eta, lambda1, self.lambda2, self.relative)
                 pair = []
                 for sign in (1, -1):
                     self.move(start, sign)
-                    score, forget_acc, retain_acc = score_candidate(self.net, x, y, forget)
-                    pair.append(Candidate(lambda2, sign, score, forget_acc, retain_acc,
-                                          forget_acc <= self.forget_tolerance))
+                    score, forget_acc, retain_acc, prob = score_candidate(self.net, x, y, forget)
+                    self.forget_prob[(lambda1, sign)] = prob
+                    pair.append(Candidate(lambda1, sign, score, forget_acc, retain_acc,
+                                          forget_acc <= self.forget_tolerance and prob <= max_prob))
                 return pair
 
-            self.candidates, chosen = walk_grid(self.grid, try_step, self.base_retain, self.retain_tolerance)
+            self.candidates, chosen = walk_grid(self.grid, try_step, self.base_retain, self.retain_tolerance,
+                                                self.retain_budget, self.margin_steps)
             self.scores = {c.variant: c.score for c in self.candidates if c.value == chosen.value}
-            self.sign, self.lambda2 = chosen.variant, chosen.value
-            self.alpha = {n: step_size(e, self.lambda1, self.lambda2) for n, e in self.eta.items()}
+            self.sign, self.lambda1 = chosen.variant, chosen.value
+            self.alpha = step_sizes(self.eta, self.lambda1, self.lambda2, self.relative)
             self.move(start, self.sign)
         finally:
             self.net.train(was_training)
 
     def choices(self) -> dict:
-        return {"lambda2": self.lambda2, "sign": self.sign, "lambda2_tried": sorted({c.value for c in self.candidates})}
+        """λ1 as chosen (relative: the largest change of any weight) and as applied (λ1 / max η), the sign."""
+        absolute = self.lambda1 / self.eta_max if self.relative and self.eta_max > 0 else self.lambda1
+        return {"lambda1": self.lambda1, "lambda1_relative": self.relative, "lambda1_absolute": absolute,
+                "lambda2": self.lambda2, "sign": self.sign, "lambda1_tried": sorted({c.value for c in self.candidates}),
+                "forget_prob_max": self.forget_prob.get((self.lambda1, self.sign))}
 
     def move(self, start: dict[str, Tensor], sign: int) -> None:
         with torch.no_grad():
@@ -202,20 +228,33 @@ def code_fisher(net: nn.Module, codes: Tensor, params: dict[str, Tensor], forget
     return ({n: t / n_f for n, t in totals[0].items()}, {n: t / n_r for n, t in totals[1].items()})
 
 
-def step_size(eta: Tensor, lambda1: float, lambda2: float) -> float:
-    """α_l = min(λ1, λ2 / max η^l): λ2 caps the largest change of a tensor."""
+def step_sizes(eta: dict[str, Tensor], lambda1: float, lambda2: float | None, relative: bool) -> dict[str, float]:
+    """α_l = min(λ1', λ2 / max η^l) per tensor; λ1' = λ1 / max η over every tensor when `relative`, else λ1.
+
+    Relative, the largest change of any weight is λ1 (λ2 null: no cap) whatever the scale of η.
+    """
+    top = max((float(e.max()) for e in eta.values()), default=0.0)
+    lam1 = (lambda1 / top if top > 0 else 0.0) if relative else lambda1
+    return {n: step_size(e, lam1, lambda2) for n, e in eta.items()}
+
+
+def step_size(eta: Tensor, lambda1: float, lambda2: float | None) -> float:
+    """α_l = min(λ1, λ2 / max η^l): λ2 caps the largest change of a tensor (None: no cap)."""
     top = float(eta.max())
-    return lambda1 if top == 0 else min(lambda1, lambda2 / top)
+    return lambda1 if top == 0 or lambda2 is None else min(lambda1, lambda2 / top)
 
 
-def score_candidate(net: nn.Module, x: Tensor, y: Tensor, forget: list[int]) -> tuple[float, float, float]:
-    """(retain accuracy + forget error, forget accuracy, retain accuracy) of `net` on the selection set."""
+def score_candidate(net: nn.Module, x: Tensor, y: Tensor, forget: list[int]) -> tuple[float, float, float, float]:
+    """(retain accuracy + forget error, forget accuracy, retain accuracy, the largest probability an
+    image of a forgotten class gives its own class) of `net` on the selection set."""
     with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
-        correct = net(x.float()).argmax(1) == y
+        logits = net(x.float())
+    correct = logits.argmax(1) == y
     is_f = torch.isin(y, torch.tensor(forget, device=y.device))
     forget_acc = float(correct[is_f].float().mean())
     retain_acc = float(correct[~is_f].float().mean())
-    return retain_acc + 1.0 - forget_acc, forget_acc, retain_acc
+    own = logits.softmax(1).gather(1, y[:, None]).squeeze(1)[is_f]
+    return retain_acc + 1.0 - forget_acc, forget_acc, retain_acc, float(own.max()) if len(own) else 0.0
 
 
 def verified_codes(net: nn.Module, seed: int) -> Tensor:
