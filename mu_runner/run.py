@@ -159,9 +159,9 @@ def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, ne
 def _recipe_spec(cfg: DictConfig) -> dict:
     """Exactly what determines a trained model: data, backbone, recipe, seed, precision."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    for k in ("root", "download"):
+    for k in ("root", "download", "trust_files"):  # where and how files are read, not what they hold
         data["source"].pop(k, None)
-    data.pop("download", None)
+        data.pop(k, None)
     return {"data": data, "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
             "train": OmegaConf.to_container(cfg.train, resolve=True), "seed": int(cfg.seed),
             "precision": str(cfg.trainer.get("precision"))}

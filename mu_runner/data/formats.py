@@ -8,6 +8,7 @@ torchvision is imported (lazily) only to download.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import math
 import pickle
@@ -262,11 +263,59 @@ _CIFAR = {
 }
 
 
-def _read_pickle(path: Path, keys: Sequence[bytes]) -> dict:
-    """Unpickle one CIFAR file (as torchvision does) and check that it holds the expected keys."""
+# What genuine CIFAR batches (and numpy arrays pickled with protocols 2 to 5) reference: the
+# array and dtype reconstructors, and `_codecs.encode` (protocol 2 stores bytes through it). A
+# pickle naming anything else is not a CIFAR batch; unpickling it could run arbitrary code.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): lambda: _numpy_core("multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"): lambda: _numpy_core("multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"): lambda: _numpy_core("numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"): lambda: _numpy_core("numeric", "_frombuffer"),
+    ("numpy", "ndarray"): lambda: np.ndarray,
+    ("numpy", "dtype"): lambda: np.dtype,
+    ("_codecs", "encode"): lambda: codecs.encode,
+}
+
+
+def _numpy_core(module: str, name: str):
+    """numpy's array reconstructors: in numpy._core since numpy 2, numpy.core before."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"numpy._core.{module}"), name)
+    except ImportError:  # numpy < 2
+        return getattr(importlib.import_module(f"numpy.core.{module}"), name)
+
+
+class _RefusedGlobal(Exception):
+    """A pickle names a global that no CIFAR batch holds."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what genuine CIFAR files hold: dicts, lists, bytes, str, numbers, numpy arrays."""
+
+    def find_class(self, module: str, name: str):
+        make = _CIFAR_GLOBALS.get((module, name))
+        if make is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return make()
+
+
+def _read_pickle(path: Path, keys: Sequence[bytes], trust_files: bool = False) -> dict:
+    """Unpickle one CIFAR file and check that it holds the expected keys.
+
+    A restricted unpickler refuses any global a CIFAR batch does not hold (a crafted file cannot
+    run code); `trust_files=True` (data.trust_files) uses plain pickle, as torchvision does.
+    """
     try:
         with path.open("rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            if trust_files:
+                obj = pickle.load(f, encoding="bytes")
+            else:
+                obj = _CifarUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as exc:
+        raise DatasetError(f"{path}: refuses to unpickle {exc}: not a CIFAR batch "
+                           "(set data.trust_files=true only for files you trust)") from None
     except Exception as exc:  # unpickling damaged bytes can raise almost anything
         raise _corrupt(path, f"cannot be unpickled ({type(exc).__name__})") from exc
     missing = [k.decode() for k in keys if not isinstance(obj, dict) or k not in obj]
@@ -276,10 +325,10 @@ def _read_pickle(path: Path, keys: Sequence[bytes]) -> dict:
 
 
 def _read_cifar_batch(
-    path: Path, label_key: bytes, num_classes: int
+    path: Path, label_key: bytes, num_classes: int, trust_files: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """One batch: rows of 3072 bytes (R plane, then G, then B, each 32x32 row-major) and labels."""
-    batch = _read_pickle(path, [b"data", label_key])
+    batch = _read_pickle(path, [b"data", label_key], trust_files)
     data = np.asarray(batch[b"data"])
     labels = np.asarray(batch[label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
@@ -291,8 +340,14 @@ def _read_cifar_batch(
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
-def load_cifar(root: str | Path, num_classes: int = 10, download: bool = False) -> Source:
-    """CIFAR-10 or CIFAR-100 (fine labels) from the python pickle batches as distributed."""
+def load_cifar(
+    root: str | Path, num_classes: int = 10, download: bool = False, trust_files: bool = False
+) -> Source:
+    """CIFAR-10 or CIFAR-100 (fine labels) from the python pickle batches as distributed.
+
+    The batches are read with a restricted unpickler (numpy arrays, lists, dicts, bytes, numbers
+    only); `trust_files=True` (data.trust_files) unpickles them unrestricted.
+    """
     if num_classes not in _CIFAR:
         raise ConfigError(f"data.num_classes={num_classes}: CIFAR comes with 10 or 100 classes")
     lay, root = _CIFAR[num_classes], Path(root).expanduser()
@@ -311,10 +366,10 @@ def load_cifar(root: str | Path, num_classes: int = 10, download: bool = False) 
         root,
         f"the extracted '{lay.archive}' archive",
     )
-    parts = [_read_cifar_batch(folder / n, lay.label_key, num_classes) for n in lay.train]
-    test_images, test_labels = _read_cifar_batch(folder / lay.test, lay.label_key, num_classes)
+    parts = [_read_cifar_batch(folder / n, lay.label_key, num_classes, trust_files) for n in lay.train]
+    test_images, test_labels = _read_cifar_batch(folder / lay.test, lay.label_key, num_classes, trust_files)
     meta_path = folder / lay.meta
-    names = _read_pickle(meta_path, [lay.names_key])[lay.names_key]
+    names = _read_pickle(meta_path, [lay.names_key], trust_files)[lay.names_key]
     if not isinstance(names, (list, tuple)) or len(names) != num_classes:
         raise _corrupt(meta_path, f"expected {num_classes} class names")
     classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
