@@ -23,6 +23,7 @@ from mu_runner.callbacks.forget_target import ForgetTarget
 from mu_runner.callbacks.progress import phase_bar
 from mu_runner.callbacks.timing import UnlearnTimer
 from mu_runner.callbacks.validation import EpochValidation
+from mu_runner.checkpoints import read_checkpoint
 from mu_runner.data import forget as F
 from mu_runner.data.datamodule import InMemoryData, StageData
 from mu_runner.data.sources import resized
@@ -176,16 +177,6 @@ def load_weights(net: Classifier, state: dict, where: str) -> Classifier:
         first = str(err).strip().splitlines()[1:2] or [str(err)]
         raise CheckpointError(f"{where} does not fit the backbone: {first[0].strip()}") from None
     return net
-
-
-def read_checkpoint(path: str) -> dict:
-    if not Path(path).is_file():
-        raise ConfigError(f"original_checkpoint={path!r}: file not found")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
 
 
 def get_original(cfg: DictConfig, data: InMemoryData, cache: Cache,

@@ -118,3 +118,89 @@ def test_data_trust_files_reaches_the_loader_and_not_the_cache_key(tiny, tmp_pat
     trusting = tiny("data=cifar10", f"paths.data_dir={tmp_path}", "data.trust_files=true")
     assert trusting.data.source.trust_files is True
     assert _recipe_spec(trusting) == _recipe_spec(cfg)  # how files are read does not retrain the original
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_error(path: Path) -> str:
+    from mu_runner.checkpoints import read_checkpoint
+    from mu_runner.errors import CheckpointError
+
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(str(path))
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"original_checkpoint={str(path)!r}: not a safetensors / weights-only checkpoint (")
+    return msg
+
+
+def test_a_text_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "model.pt"
+    path.write_text("these are not the weights you are looking for\n")
+    assert "starts with b'these ar'" in _checkpoint_error(path)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert "the file is empty" in _checkpoint_error(tmp_path / "empty.pt")
+
+
+def test_a_truncated_safetensors_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    whole = tmp_path / "whole.safetensors"
+    save_file({"w": torch.arange(1000.0)}, str(whole))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert "SafetensorError" in _checkpoint_error(cut)
+    renamed = tmp_path / "cut.pt"  # a safetensors file is recognised whatever its name
+    renamed.write_bytes(cut.read_bytes())
+    assert "SafetensorError" in _checkpoint_error(renamed)
+
+
+@pytest.mark.parametrize("payload, refused", [(_OpenMarker, "io.open"), (_ShellMarker, "posix.system")])
+def test_a_pickle_of_arbitrary_objects_is_refused_and_its_payload_never_runs(tmp_path, payload, refused):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "extra": payload(marker)}, path)
+    assert f"it pickles {refused}" in _checkpoint_error(path)
+    assert not marker.exists()
+
+
+def test_a_dict_without_tensors_is_refused(tmp_path):
+    torch.save({"epoch": 3}, tmp_path / "a.pt")
+    assert "'epoch' is a int, not a tensor" in _checkpoint_error(tmp_path / "a.pt")
+    torch.save({}, tmp_path / "b.pt")
+    assert "it holds no tensors" in _checkpoint_error(tmp_path / "b.pt")
+    torch.save([torch.ones(1)], tmp_path / "c.pt")
+    assert "it holds a list, not a dict of tensors" in _checkpoint_error(tmp_path / "c.pt")
+
+
+def test_valid_checkpoints_load_into_the_backbone(tiny, tmp_path):
+    from conftest import same_state
+    from safetensors.torch import save_file
+
+    from mu_runner.checkpoints import read_checkpoint
+    from mu_runner.run import load_data, load_weights, new_net
+
+    cfg = tiny("seed=3")
+    data = load_data(cfg)
+    net = new_net(cfg, data)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(tmp_path / "net.safetensors"))
+    torch.save(state, tmp_path / "net.pt")
+    torch.save({"state_dict": state, "epoch": 1}, tmp_path / "net.ckpt")  # a checkpoint with its state_dict
+    other = tiny("seed=4")
+    for name in ("net.safetensors", "net.pt", "net.ckpt"):
+        fresh = new_net(other, data)
+        assert not same_state(fresh, net)
+        assert same_state(load_weights(fresh, read_checkpoint(str(tmp_path / name)), name), net)
+
+
+def test_a_run_with_a_crafted_checkpoint_stops_before_training(tiny, tmp_path):
+    from mu_runner.errors import CheckpointError
+    from mu_runner.run import build
+
+    marker = tmp_path / "pwned"
+    torch.save({"w": _OpenMarker(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="not a safetensors / weights-only checkpoint"):
+        build(tiny(f"original_checkpoint={tmp_path}/evil.pt"))
+    assert not marker.exists() and not (tmp_path / "cache").exists()
