@@ -195,7 +195,7 @@ def get_original(cfg: DictConfig, data: InMemoryData, cache: Cache,
         spec = {"kind": "original", **_recipe_spec(cfg), **({"method_recipe": recipe.key} if recipe else {})}
         state, hit = cache.get_or_create("original", spec, lambda: fit_supervised(
             cfg, data, data.pool, new_net(cfg, data), **({"recipe": recipe} if recipe else {}), phase="original",
-            logger=logger))
+            logger=logger), check=lambda s: _fits(net, s))
         where = f"cache entry {cache.path('original', spec)}"
         if hit:
             log.info("original: from the cache (%s)", cache.path("original", spec))
@@ -207,10 +207,16 @@ def get_reference(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit, cac
                   logger=None) -> tuple[Classifier, bool]:
     spec = {"kind": "retrain", **_recipe_spec(cfg), "forget": split.fingerprint()}
     state, hit = cache.get_or_create("retrain", spec, lambda: fit_supervised(
-        cfg, data, split.retain, new_net(cfg, data), phase="reference", logger=logger))
+        cfg, data, split.retain, new_net(cfg, data), phase="reference", logger=logger),
+        check=lambda s: _fits(new_net(cfg, data), s))
     if hit:
         log.info("reference: from the cache (%s)", cache.path("retrain", spec))
     return load_weights(new_net(cfg, data), state, f"cache entry {cache.path('retrain', spec)}"), hit
+
+
+def _fits(net: Classifier, state: dict) -> None:
+    """A cache entry that does not fit the backbone (CheckpointError) is rebuilt, not a failed run."""
+    load_weights(net, {k: v for k, v in state.items() if not k.startswith(ARTIFACT_PREFIX)}, "it")
 
 
 def build(cfg: DictConfig) -> Stage:
