@@ -6,12 +6,12 @@ import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 
-from mu_runner.cache import atomic_write_bytes, atomic_write_json
+from mu_runner.cache import atomic_save_file, atomic_write_bytes, atomic_write_json
 from mu_runner.evaluation import EvaluationResult
 from mu_runner.metrics.scoring import stratified_subset
 from mu_runner.settings import method_node
+from mu_runner.utils.loggers import finish_logger
 
 log = logging.getLogger("mu_runner")
 
@@ -47,6 +47,7 @@ def assemble(stage, result: EvaluationResult) -> dict:
         "optimizer_steps": stage.trainer.global_step - stage.module.skipped_steps,
         **(stage.stopper.summary() if getattr(stage, "stopper", None) is not None else {}),
         "original": result.original,
+        "original_near_chance": near_chance(result.original, stage.data.num_classes, split.classes)[0],
         "retrain": result.retrain,
         "avg_gap": after["avg_gap"],
         "acc_gap": after["acc_gap"],
@@ -62,7 +63,8 @@ def assemble(stage, result: EvaluationResult) -> dict:
 def _check_seconds(stage) -> float:
     """Scoring inside the unlearning stage (epoch curves, the stopping rule): not unlearning time."""
     stopper = getattr(stage, "stopper", None)
-    return stage.monitor.epoch_seconds + (stopper.seconds if stopper is not None else 0.0)
+    monitor = getattr(stage, "monitor", None)
+    return (monitor.epoch_seconds if monitor is not None else 0.0) + (stopper.seconds if stopper is not None else 0.0)
 
 
 def provenance() -> dict:
@@ -85,6 +87,19 @@ def provenance() -> dict:
     return {"mu_runner_version": __version__, "git_commit": commit}
 
 
+def near_chance(original: dict, num_classes: int, classes: list[int] | None) -> tuple[bool | None, float]:
+    """(is the original useless, the chance level): its test accuracy on the retained classes below
+    1.5 x chance, at most chance + 0.1. Chance is 1 / (retained classes): what a network that always
+    predicts one retained class scores there (an untrained one is close to that, or to 1/K below it).
+    The threshold is 0.167 with 9 of 10 classes retained (one epoch of the tiny recipe on digits gives
+    0.46) and 0.015 with 99 of 100; the cap keeps a binary task's weak but trained model (0.65) unflagged."""
+    acc = (original or {}).get("test_acc")
+    chance = 1.0 / max(1, num_classes - len(classes or []))
+    if acc is None:
+        return None, chance
+    return bool(acc < min(1.5 * chance, chance + 0.1)), chance
+
+
 def head_only(after: dict, probe: float | None, retrain: dict | None) -> bool | None:
     """Accuracy-level forgetting with intact features: forget_acc <= 0.1 (UA >= 0.9) while the probe
     on penultimate features still beats the retrained model's by more than 0.10 (docs/evaluation.md)."""
@@ -101,7 +116,7 @@ def write_outputs(stage, result: EvaluationResult, out: Path) -> dict:
     atomic_write_json(out / "forget_split.json", stage.split.to_json())
     if stage.cfg.save_model:
         state = {k: v.detach().cpu().contiguous() for k, v in stage.module.net.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"))
+        atomic_save_file(out / "model.safetensors", state)
     try:
         from mu_runner.plots import run_plots
         run_plots(metrics, out)
@@ -115,8 +130,13 @@ def write_outputs(stage, result: EvaluationResult, out: Path) -> dict:
     if result.per_example is not None:  # the per-example attack's scores, beside metrics.json
         atomic_write_json(out / "umia_scores.json", result.per_example)
     _log_summary(stage, metrics)
-    atomic_write_json(out / "metrics.json", metrics)  # last: its presence means finished
+    if metrics["original_near_chance"]:
+        log.warning("original is near chance: test accuracy %.3f (chance %.3f); every unlearning number below "
+                    "compares untrained models", metrics["original"]["test_acc"],
+                    near_chance(metrics["original"], stage.data.num_classes, stage.split.classes)[1])
     log.info("results\n%s", summary_table(metrics))  # in the run's log file too
+    finish_logger(stage.trainer.logger)  # the logger's files are complete before the run counts as done
+    atomic_write_json(out / "metrics.json", metrics)  # last: its presence means finished
     return metrics
 
 
@@ -192,4 +212,7 @@ def summary_table(m: dict) -> str:
             continue
         lines.append(f"{name:<10} " + " ".join(_fmt(s.get(k)) for k in TABLE_KEYS))
     lines.append(f"unlearning took {m['unlearn_seconds']:.2f} s")
+    if m.get("original_near_chance"):
+        lines.append(f"WARNING: the original is near chance (test {m['original']['test_acc']:.3f}): "
+                     "these numbers compare untrained models")
     return "\n".join(lines)

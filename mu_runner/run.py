@@ -19,6 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mu_runner.cache import Cache
+from mu_runner.callbacks import instantiate_callbacks
+from mu_runner.callbacks.divergence import DivergenceGuard
 from mu_runner.callbacks.forget_target import ForgetTarget
 from mu_runner.callbacks.progress import phase_bar
 from mu_runner.callbacks.timing import UnlearnTimer
@@ -35,7 +37,7 @@ from mu_runner.methods.supervised import SupervisedTraining
 from mu_runner.models import Classifier, one_by_one, stage_sizes
 from mu_runner.outputs import write_outputs
 from mu_runner.settings import method_node
-from mu_runner.utils.loggers import build_logger, check_logger, finish_logger
+from mu_runner.utils.loggers import build_logger, finish_logger
 
 log = logging.getLogger("mu_runner")
 
@@ -53,7 +55,7 @@ class Stage:
     trainer: L.Trainer
     datamodule: StageData
     timer: UnlearnTimer
-    monitor: EpochValidation
+    monitor: EpochValidation | None  # None when the group drops it (~callbacks.epoch_validation)
     evaluator: Evaluator
     cache_hits: dict[str, bool] = field(default_factory=dict)
     umia: object | None = None  # the per-example attack (eval.umia), its shadows ready
@@ -76,24 +78,21 @@ def load_data(cfg: DictConfig) -> InMemoryData:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ConfigError(f"data.image_size={size!r}: allowed null (the data's own size) or an integer >= 1")
         source = resized(source, size)
-    keep = None
-    if cfg.forget.kind == "indices":
-        keep = F.read_indices(cfg.forget.path, len(source.train))
+    spec = forget_spec(cfg)
+    keep = spec.ids(len(source.train)) if isinstance(spec, F.ForgetIndices) else None
     return InMemoryData(source, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.augment, keep)
+
+
+def forget_spec(cfg: DictConfig):
+    """The `forget` group's object (conf/forget/*.yaml `_target_`, e.g. data.forget.ForgetClasses)."""
+    if "_target_" not in cfg.forget:
+        raise ConfigError(f"forget: no _target_ (kind={cfg.forget.get('kind')!r}); choose forget=classes|random|indices")
+    return make(cfg.forget, "forget")
 
 
 def make_split(cfg: DictConfig, data: InMemoryData) -> F.ForgetSplit:
     """The forget set of `cfg.forget`, validated against the data (raises ConfigError)."""
-    fc = cfg.forget
-    if fc.kind == "classes":
-        classes = F.choose_classes(data.num_classes, fc.k, fc.fraction,
-                                   None if fc.classes is None else list(fc.classes), fc.seed)
-        return F.class_split(data.labels.cpu(), data.pool, classes)
-    if fc.kind == "random":
-        return F.random_split(data.pool, fc.k, fc.fraction, fc.seed)
-    if fc.kind == "indices":
-        return F.indices_split(data.pool, F.read_indices(fc.path, len(data.labels)))
-    raise ConfigError(f"forget.kind={fc.kind!r}: allowed classes, random, indices")
+    return forget_spec(cfg).split(data)
 
 
 def new_net(cfg: DictConfig, data: InMemoryData) -> Classifier:
@@ -137,6 +136,7 @@ def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, ne
     args = (net, instantiate(t.optimizer), instantiate(t.scheduler) if t.scheduler else None,
             t.epochs, t.batch_size, cfg.seed)
     module = SupervisedTraining(*args) if recipe is None else recipe.training(*args, data=data)
+    module.phase, module.lr_key = phase, "train.optimizer.lr"  # a DivergedError names the training
     dm = StageData(data, F.ForgetSplit(retain[:0], retain, None), cfg.seed)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     start, work = time.perf_counter(), t.epochs * len(retain)
@@ -144,7 +144,7 @@ def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, ne
     log.info("%s: training %d epochs on %d images (train=%s)%s", phase, t.epochs, len(retain),
              _choice("train") or "custom", eta)
     curve = _LossCurve()
-    _trainer(cfg, t.epochs, phase, logger=False, callbacks=[curve]).fit(module, datamodule=dm)
+    _trainer(cfg, t.epochs, phase, logger=False, callbacks=[DivergenceGuard(), curve]).fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
     if logger:  # the run's logger gets this training's curve as <phase>/train/loss (W&B, CSV, TensorBoard)
         for step, loss in enumerate(curve.losses):
@@ -221,16 +221,12 @@ def _fits(net: Classifier, state: dict) -> None:
 
 def build(cfg: DictConfig) -> Stage:
     """Everything before the unlearning step; bad input fails here, before any training."""
-    if cfg.reference not in ("retrain", "none", None):
-        raise ConfigError(f"reference={cfg.reference!r}: allowed retrain, none")
-    make_method(cfg, net=None)  # bad method values raise before anything is trained
-    check_eval(cfg)
-    check_callbacks(cfg)
-    check_logger(cfg)
-    check_forget_kind(cfg)
+    from mu_runner.validate import check_network, validate
+    validate(cfg)  # every problem of the config at once (one line each), before any work
     data = load_data(cfg)
     split = make_split(cfg, data)
     sizes = stage_sizes(new_net(cfg, data), data.source.shape)  # one sample, before any training
+    check_network(cfg, data)  # layer names etc. against an untrained backbone
     if one_by_one(sizes):
         log.warning("stages %s see 1x1 feature maps at %dx%d input (3x3 kernels there see mostly padding); "
                     "a larger data.image_size avoids it", ", ".join(one_by_one(sizes)), *data.source.shape[1:])
@@ -247,12 +243,13 @@ def build(cfg: DictConfig) -> Stage:
         module = make_method(cfg, net=net)
         prepare_method(cfg, module, original, data, cache)  # one-off, cached: outside unlearn_seconds
         timer = UnlearnTimer()
-        monitor = EpochValidation(data, split, cfg.callbacks.eval_every_n_epochs)
-        callbacks: list = [timer, monitor]
-        stopper = forget_target(cfg, data, split, reference, module.target_min_epochs)
+        configured = instantiate_callbacks(cfg.callbacks, data=data, split=split, reference=reference,
+                                           seed=int(cfg.seed), min_epochs=module.target_min_epochs)
+        callbacks: list = [DivergenceGuard(), timer, *configured]  # the guard first: no rule judges a diverged model
+        monitor = next((c for c in configured if isinstance(c, EpochValidation)), None)
+        stopper = next((c for c in configured if isinstance(c, ForgetTarget)), None)
         epochs = module.epochs
         if stopper is not None:
-            callbacks.append(stopper)
             epochs = int(cfg.callbacks.get("max_epochs") or epochs)
         trainer = _trainer(cfg, epochs, _choice("method") or module.name, logger=logger, callbacks=callbacks)
         umia, hits = build_umia(cfg, data, split, cache)
@@ -279,16 +276,6 @@ def check_callbacks(cfg: DictConfig) -> None:
     every = cb.get("target_every_n_steps", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ConfigError(f"callbacks.target_every_n_steps={every!r}: allowed 0 (epoch ends only) or an integer >= 1")
-
-
-def forget_target(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit,
-                  reference: Classifier | None, min_epochs: int = 0) -> ForgetTarget | None:
-    """`callbacks.forget_target`: the stopping rule at equal forgetting, or None."""
-    target = cfg.callbacks.get("forget_target")
-    if target is None:
-        return None
-    return ForgetTarget(data, split, target, reference, int(cfg.callbacks.get("target_every_n_steps", 0)),
-                        int(cfg.seed), min_epochs)
 
 
 def build_umia(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit, cache: Cache) -> tuple[object, dict]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import CONF, METHODS, compose_config
 from hydra.utils import get_class, get_method, instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 GROUPS = {g: sorted(p.stem for p in Path(CONF, g).glob("*.yaml"))
           for g in ("data", "backbone", "forget", "method", "trainer", "logger", "callbacks", "paths", "train", "experiment")}
@@ -75,6 +75,13 @@ def test_every_option_composes_and_its_targets_bind(tiny, group, option):
     elif group == "train":
         _assert_binds(node.optimizer, {"params"})  # what the trainer passes
         _assert_binds(node.scheduler, {"optimizer"})
+    elif group == "forget":
+        _assert_binds(node)  # conf/forget/*.yaml -> data.forget.Forget*: every key is a field
+    elif group == "callbacks":
+        nodes = [v for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+        assert nodes, "the group composes the built-in callback nodes"
+        for v in nodes:  # instantiate_callbacks passes a _partial_ node only the context it asks for
+            _assert_binds(v)
 
 
 @pytest.mark.parametrize("option", GROUPS["backbone"])

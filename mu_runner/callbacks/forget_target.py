@@ -99,3 +99,11 @@ class ForgetTarget(L.Callback):
         return {"forget_target": self.target, "reached_target": self.reached, "stopped_at": self.stopped_at,
                 "stopped_epoch": self.stopped_epoch, "check_forget_acc": self.last_acc,
                 "n_check": len(self.indices)}
+
+
+def stop_at_target(target: float | str | None, every_n_steps: int = 0, *, data: InMemoryData, split: ForgetSplit,
+                   reference: nn.Module | None = None, seed: int = 0, min_epochs: int = 0) -> ForgetTarget | None:
+    """conf/callbacks/forget_target.yaml: the stopping rule, or None when `callbacks.forget_target` is null."""
+    if target is None:
+        return None
+    return ForgetTarget(data, split, target, reference, int(every_n_steps), int(seed), int(min_epochs))

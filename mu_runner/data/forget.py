@@ -77,6 +77,9 @@ def class_split(labels: Tensor, pool: Tensor, classes: list[int]) -> ForgetSplit
 def random_split(pool: Tensor, k=None, fraction=None, seed: int = 0) -> ForgetSplit:
     """A seeded random subset of training samples (nested as k or the fraction grows)."""
     n = _count(k, fraction, len(pool), f"the training split has {len(pool)} samples", {"fraction": 0.1})
+    if n < 2:  # one sample has no half to check on (forget_target) and no population to attack
+        given = f"forget.k={k}" if k is not None else f"forget.fraction={0.1 if fraction is None else fraction}"
+        raise ConfigError(f"forget=random with {given}: {n} of {len(pool)} training samples; need at least 2")
     perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(seed)))
     chosen = torch.zeros(len(pool), dtype=torch.bool)
     chosen[perm[:n]] = True
@@ -97,6 +100,10 @@ def read_indices(path: str | Path, n_train: int) -> list[int]:
         raise ConfigError(f"forget.path={str(path)!r}: not a list of integer ids ({err})") from None
     if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
         raise ConfigError(f"forget.path={str(path)!r}: not a list of integer ids")
+    seen: set[int] = set()
+    twice = next((i for i in ids if i in seen or seen.add(i)), None)
+    if twice is not None:
+        raise ConfigError(f"forget.path={str(path)!r}: id {twice} is listed twice (each training sample once)")
     bad = [i for i in ids if not 0 <= i < n_train]
     if not ids or bad:
         raise ConfigError(
@@ -110,3 +117,66 @@ def indices_split(pool: Tensor, ids: list[int]) -> ForgetSplit:
     """Listed ids are forgotten; the rest of the pool is retained."""
     chosen = torch.isin(pool, torch.tensor(ids, dtype=pool.dtype))
     return ForgetSplit(pool[chosen], pool[~chosen], None)
+
+
+# --------------------------------------------------------------------------- the `forget` group's objects
+# conf/forget/<kind>.yaml names one of these with `_target_`; `make_split` calls `split(data)`.
+# `kind` stays a plain key of each yaml (outputs, loggers and reports read it) and must match.
+
+
+@dataclass(frozen=True)
+class ForgetClasses:
+    """`forget=classes`: k classes, a fraction of them, or an explicit list (nested as k grows)."""
+
+    k: int | None = None
+    fraction: float | None = None
+    classes: list[int] | None = None
+    seed: int = 0
+    kind: str = "classes"
+
+    def __post_init__(self) -> None:
+        _check_kind(self, "classes")
+
+    def split(self, data) -> ForgetSplit:
+        chosen = choose_classes(data.num_classes, self.k, self.fraction,
+                                None if self.classes is None else list(self.classes), self.seed)
+        return class_split(data.labels.cpu(), data.pool, chosen)
+
+
+@dataclass(frozen=True)
+class ForgetRandom:
+    """`forget=random`: a seeded fraction (default 0.1) or k random training samples."""
+
+    k: int | None = None
+    fraction: float | None = None
+    seed: int = 0
+    kind: str = "random"
+
+    def __post_init__(self) -> None:
+        _check_kind(self, "random")
+
+    def split(self, data) -> ForgetSplit:
+        return random_split(data.pool, self.k, self.fraction, self.seed)
+
+
+@dataclass(frozen=True)
+class ForgetIndices:
+    """`forget=indices`: the training-sample ids listed in a file (deletion requests)."""
+
+    path: str
+    kind: str = "indices"
+
+    def __post_init__(self) -> None:
+        _check_kind(self, "indices")
+
+    def ids(self, n_train: int) -> list[int]:
+        return read_indices(self.path, n_train)
+
+    def split(self, data) -> ForgetSplit:
+        return indices_split(data.pool, self.ids(len(data.labels)))
+
+
+def _check_kind(spec, kind: str) -> None:
+    if spec.kind != kind:
+        raise ConfigError(f"forget.kind={spec.kind!r} does not match forget._target_={type(spec).__name__} "
+                          f"(which forgets {kind}); choose the option with forget={spec.kind}")
