@@ -100,8 +100,9 @@ def check_tune(cfg: DictConfig) -> None:
 def tune(cfg: DictConfig) -> float:
     """One trial: the method on every tuning seed; returns the mean objective (lower is better)."""
     from mu_runner.run import build  # heavy imports after Hydra has parsed the command line
+    from mu_runner.validate import validate
 
-    check_tune(cfg)
+    validate(cfg)  # the whole config once (check_tune included), before the first seed's work
     t = cfg.tune
     out = Path(cfg.paths.output_dir)
     done = out / "tune.json"

@@ -48,6 +48,10 @@ class UnlearningModule(L.LightningModule):
     prep_seconds: float | None = None  # one-off set-up cost (`prepare`), reported apart from unlearn_seconds
     prep_cached: bool | None = None  # True: prep_seconds is the cost measured when the cache entry was made
     skipped_steps: int = 0  # training steps whose unlearning_loss was None (in global_step, no update)
+    min_epochs: int = 1  # the least `method.epochs` that does anything (validate.py refuses fewer)
+    network_check: bool = True  # validate.check_network builds it on an untrained backbone before any training
+    phase: str | None = None  # set by the runner for the original / reference trainings (names who diverged)
+    lr_key: str = "method.optimizer.lr"  # the knob a DivergedError points to
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, epochs: int = 1,
@@ -61,6 +65,11 @@ class UnlearningModule(L.LightningModule):
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    @property
+    def who(self) -> str:
+        """`method grad_ascent` (the yaml's name = the module's), or `original training` for the runner's."""
+        return f"{self.phase} training" if self.phase else f"method {type(self).__module__.rsplit('.', 1)[-1]}"
 
     @property
     def target_min_epochs(self) -> int:
@@ -93,6 +102,12 @@ class UnlearningModule(L.LightningModule):
         """
         return None
 
+    @classmethod
+    def validation_use(cls, method_cfg, forget_kind: str) -> str | None:
+        """What this method reads the validation images for with these settings (None: nothing), so
+        that `data.val_fraction=0` is refused up front (validate.py) instead of failing late."""
+        return None
+
     def prepare(self, cache, spec: dict, original: nn.Module, data, fit: Callable) -> None:
         """One-off set-up shared by every forget set (e.g. weight filters trained on D_tr).
 
@@ -115,10 +130,9 @@ class UnlearningModule(L.LightningModule):
         if loss is None:  # Lightning still calls optimizer.step, which moves no weight without gradients,
             self.skipped_steps += 1  # but counts it in global_step
             return None
-        if not torch.isfinite(loss):
-            raise DivergedError(
-                f"method {self.name}: loss became {loss.item()} at step {self.global_step} "
-                f"(epoch {self.current_epoch}); lower the learning rate")
+        if not torch.isfinite(loss):  # before backward: a NaN never reaches the weights
+            from mu_runner.callbacks.divergence import diverged
+            raise diverged(self, f"loss = {loss.item()}", self.global_step + 1)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

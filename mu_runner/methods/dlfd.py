@@ -99,6 +99,10 @@ class DLFD(UnlearningModule):
 
     anchor = "retain"
 
+    @classmethod
+    def validation_use(cls, method_cfg, forget_kind: str) -> str | None:
+        return "monitors the forget score against validation images and restores the best-validation state"
+
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
                  epochs: int = 1, batch_size: int = 32, seed: int = 0, forget_batch_size: int = 32,
                  w_f: float = 3.0, w_r0: float = 0.0, w_r1: float = 1.0, pgd_steps: int = 15,

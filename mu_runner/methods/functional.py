@@ -132,13 +132,18 @@ def pin_(net: nn.Module, free: dict[str, Tensor], values: dict[str, Tensor],
 
 def freeze_except(net: nn.Module, trainable: tuple[str, ...]) -> None:
     """requires_grad only for parameters of `net.body` under the module-name prefixes `trainable`."""
-    names = [n for n, _ in net.body.named_modules()]
-    missing = [p for p in trainable if not any(under(n, p) for n in names)]
-    if missing:
-        top = ", ".join(n for n in names if n and "." not in n)
-        raise ConfigError(f"method.trainable={list(trainable)}: {missing} are not modules of the backbone ({top})")
+    check_modules(net, trainable, "method.trainable")
     for name, p in net.body.named_parameters():
         p.requires_grad_(any(under(name, t) for t in trainable))
+
+
+def check_modules(net: nn.Module, prefixes, key: str) -> None:
+    """ConfigError unless every entry of `prefixes` names a module of `net.body` (e.g. layer4, fc)."""
+    names = [n for n, _ in net.body.named_modules()]
+    missing = [p for p in prefixes if not any(under(n, p) for n in names)]
+    if missing:
+        top = ", ".join(n for n in names if n and "." not in n)
+        raise ConfigError(f"{key}={list(prefixes)}: {missing} are not modules of the backbone ({top})")
 
 
 def under(name: str, prefix: str) -> bool:

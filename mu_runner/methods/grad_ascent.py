@@ -45,6 +45,13 @@ class GradAscent(UnlearningModule):
 
     anchor = "forget"
 
+    @classmethod
+    def validation_use(cls, method_cfg, forget_kind: str) -> str | None:
+        if method_cfg.get("stop_forget_acc") is not None and forget_kind != "classes":
+            return ("stops sample forgetting at the original's validation accuracy "
+                    "(or set method.stop_forget_acc=null)")
+        return None
+
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, epochs: int = 5, batch_size: int = 128,
                  seed: int = 0, bn_mode: str = "eval", stop_forget_acc: float | None = None) -> None:

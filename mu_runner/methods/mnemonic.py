@@ -104,6 +104,13 @@ class Mnemonic(OneShotModule):
     """θ ± α_l·η^l with η the forget/retain Fisher ratio of the class codes; no data, no step."""
 
     anchor = "forget"  # no batch is trained; a `selection: val` pass reads D_val in `edit`
+    network_check = False  # its constructor needs the trained original's codes
+
+    @classmethod
+    def validation_use(cls, method_cfg, forget_kind: str) -> str | None:
+        if method_cfg.get("selection", "val") == "val":
+            return "selects lambda1 and its sign on validation images (or set method.selection=codes)"
+        return None
     forget_kinds = ("classes",)
 
     def __init__(self, net: nn.Module, lambda1: float = 1.6, lambda2: float | None = None, eps: float = 1e-6,

@@ -103,6 +103,12 @@ class SSD(OneShotModule):
             self.net.train(was_training)
             self.imp_d = self.imp_f = self.start = None  # ~3x the model's size: not kept
 
+    @classmethod
+    def validation_use(cls, method_cfg, forget_kind: str) -> str | None:
+        if method_cfg.get("alpha_grid") is not None:
+            return "walks method.alpha_grid on validation images (or set method.alpha_grid=null: the fixed alpha)"
+        return None
+
     @torch.no_grad()
     def dampen(self, alpha: float) -> None:
         """θ ← min(λ·I_D/I_f, 1)·θ where I_f > α·I_D, from the original weights."""

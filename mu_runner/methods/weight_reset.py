@@ -36,6 +36,7 @@ from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import (
     batchnorm_eval,
+    check_modules,
     forget_gradients,
     freeze_except,
     pin_,
@@ -95,6 +96,7 @@ class WeightReset(UnlearningModule):
     """Reset (prune or re-initialise) the forget-salient weights, then an optional repair on D_r."""
 
     anchor = "retain"
+    min_epochs = 0  # epochs are repair epochs: 0 resets only
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, epochs: int = 5, batch_size: int = 256,
@@ -127,6 +129,8 @@ class WeightReset(UnlearningModule):
         self.reset_per_stage: dict[str, int] = {}
         if self.freeze and net is not None:  # now: configure_optimizers skips frozen weights
             freeze_except(net, self.trainable)
+        if scope == "layers" and net is not None:
+            check_modules(net, self.layers, "method.layers")
 
     def configure_optimizers(self):
         return super().configure_optimizers() if self.repair_epochs > 0 else None
