@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -57,8 +58,11 @@ def main(cfg: DictConfig) -> float | None:
             return tune(cfg)
         metrics = run(cfg)
     except MuRunnerError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise  # the traceback, as Hydra gives it for other errors
         log.error("%s", err)
-        print(f"mu_runner: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines():  # one line per problem (validate.py collects them all)
+            print(f"mu_runner: error: {line}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             out = Path(HydraConfig.get().runtime.output_dir)
             (out / "error.txt").write_text(f"{type(err).__name__}: {err}\n")
