@@ -25,11 +25,11 @@ from mu_runner.errors import DivergedError
 
 
 def diverged(module, what: str, step: int | None = None) -> DivergedError:
-    """`method grad_ascent diverged at step 3: loss = nan (lower method.optimizer.lr)`."""
+    """`method grad_ascent diverged at step 3: loss = nan; lower method.optimizer.lr`."""
     who = getattr(module, "who", None) or type(module).__name__
     at = f" at step {step}" if step is not None else ""
     trains = getattr(module, "optimizer_factory", None) is not None
-    hint = f" (lower {getattr(module, 'lr_key', 'method.optimizer.lr')})" if trains else ""
+    hint = f"; lower {getattr(module, 'lr_key', 'method.optimizer.lr')}" if trains else ""
     return DivergedError(f"{who} diverged{at}: {what}{hint}")
 
 
