@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -65,7 +66,8 @@ def main(cfg: DictConfig) -> float | None:
             print(f"mu_runner: error: {line}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             out = Path(HydraConfig.get().runtime.output_dir)
-            (out / "error.txt").write_text(f"{type(err).__name__}: {err}\n")
+            with contextlib.suppress(OSError):  # a full disk must not turn the one line into a traceback
+                (out / "error.txt").write_text(f"{type(err).__name__}: {err}\n")
             return None
         sys.exit(2)
     return metrics.get("summary/avg_gap")

@@ -25,7 +25,7 @@ from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mu_runner.errors import MuRunnerError
+from mu_runner.errors import MuRunnerError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,35 @@ def cache_key(spec: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def write_failed(path: Path, err: OSError) -> OutputError:
+    """The one line for a file that could not be written (disk full, permissions, ...)."""
+    why = err.strerror or str(err) or type(err).__name__
+    return OutputError(f"{path} could not be written ({why}); free space or fix permissions there")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write to a temporary file beside `path`, then rename: readers see all or nothing.
+
+    A failed write (disk full, permissions) leaves neither `path` nor the temporary file and
+    raises OutputError naming `path`.
+    """
+    path = Path(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name says they are there
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise write_failed(path, err) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -55,7 +74,7 @@ def atomic_write_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-class CacheError(MuRunnerError):
+class CacheError(OutputError):
     """A cache entry cannot be written or removed (disk full, permissions): one line naming it."""
 
 
@@ -69,16 +88,31 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def atomic_save_file(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    """safetensors written like `atomic_write_bytes` (all or nothing), the tensors' SHA-256 in its
+    metadata; a failed write raises OutputError naming `path`."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata={**{k: str(v) for k, v in meta.items()}, "sha256": tensor_digest(tensors)})
+        save_file(tensors, tmp, metadata={**{k: str(v) for k, v in (meta or {}).items()},
+                                          "sha256": tensor_digest(tensors)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise write_failed(path, err) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_atomic_save_tensors = atomic_save_file
 
 
 class Damaged(Exception):
@@ -137,10 +171,9 @@ class Cache:
             tensors = build()
             try:
                 atomic_write_json(path.with_suffix(".json"), spec)  # what the entry is (for people)
-                _atomic_save_tensors(path, tensors, {"kind": kind})  # last: its presence means complete
-            except OSError as err:
-                raise CacheError(f"cache entry {path} could not be written ({err.strerror or err}); "
-                                 "free space or fix permissions under paths.cache_dir") from None
+                atomic_save_file(path, tensors, {"kind": kind})  # last: its presence means complete
+            except OutputError as err:
+                raise CacheError(f"cache entry {err}") from None
         return tensors, False
 
     @staticmethod

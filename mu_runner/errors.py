@@ -19,3 +19,7 @@ class CheckpointError(MuRunnerError):
 
 class DivergedError(MuRunnerError, FloatingPointError):
     """A loss became NaN or infinite during training or unlearning."""
+
+
+class OutputError(MuRunnerError):
+    """A run-directory file or a cache entry cannot be written (disk full, permissions): names the path."""
