@@ -23,6 +23,7 @@ from mu_runner.callbacks import instantiate_callbacks
 from mu_runner.callbacks.divergence import DivergenceGuard
 from mu_runner.callbacks.forget_target import ForgetTarget
 from mu_runner.callbacks.progress import phase_bar
+from mu_runner.callbacks.resume import EpochCheckpoint, partial_path, resumable
 from mu_runner.callbacks.timing import UnlearnTimer
 from mu_runner.callbacks.validation import EpochValidation
 from mu_runner.checkpoints import read_checkpoint
@@ -126,11 +127,14 @@ class _LossCurve(L.Callback):
 
 
 def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, net: Classifier,
-                   recipe: OriginalRecipe | None = None, phase: str = "train", logger=None) -> dict:
+                   recipe: OriginalRecipe | None = None, phase: str = "train", logger=None,
+                   checkpoint: Path | None = None) -> dict:
     """Train `net` with the recipe `cfg.train` on `retain`; returns its state dict.
 
     A method's own `recipe` (e.g. mnemonic codes mixed in) swaps the training module; what that
-    module keeps with the model (`artifacts()`) joins the state under ARTIFACT_PREFIX.
+    module keeps with the model (`artifacts()`) joins the state under ARTIFACT_PREFIX. With a
+    `checkpoint` path the training saves its state there every `checkpoint.every_n_epochs` epochs
+    and resumes from it when it exists (callbacks/resume.py).
     """
     t = cfg.train
     args = (net, instantiate(t.optimizer), instantiate(t.scheduler) if t.scheduler else None,
@@ -144,7 +148,13 @@ def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, ne
     log.info("%s: training %d epochs on %d images (train=%s)%s", phase, t.epochs, len(retain),
              _choice("train") or "custom", eta)
     curve = _LossCurve()
-    _trainer(cfg, t.epochs, phase, logger=False, callbacks=[DivergenceGuard(), curve]).fit(module, datamodule=dm)
+    callbacks: list = [DivergenceGuard(), curve]
+    every = int(cfg.get("checkpoint", {}).get("every_n_epochs", 0) or 0)
+    if checkpoint is not None and every > 0:
+        callbacks.append(EpochCheckpoint(checkpoint, every))
+    resume = resumable(checkpoint, phase) if every > 0 else None
+    _trainer(cfg, t.epochs, phase, logger=False, callbacks=callbacks).fit(
+        module, datamodule=dm, ckpt_path=resume, weights_only=True if resume else None)
     seconds = time.perf_counter() - start
     if logger:  # the run's logger gets this training's curve as <phase>/train/loss (W&B, CSV, TensorBoard)
         for step, loss in enumerate(curve.losses):
@@ -193,9 +203,11 @@ def get_original(cfg: DictConfig, data: InMemoryData, cache: Cache,
         state, hit, where = read_checkpoint(path), True, f"original_checkpoint={path!r}"
     else:
         spec = {"kind": "original", **_recipe_spec(cfg), **({"method_recipe": recipe.key} if recipe else {})}
+        partial = partial_path(cache.path("original", spec))
         state, hit = cache.get_or_create("original", spec, lambda: fit_supervised(
             cfg, data, data.pool, new_net(cfg, data), **({"recipe": recipe} if recipe else {}), phase="original",
-            logger=logger), check=lambda s: _fits(net, s))
+            logger=logger, checkpoint=partial), check=lambda s: _fits(net, s))
+        partial.unlink(missing_ok=True)  # the finished entry replaces the training's checkpoint
         where = f"cache entry {cache.path('original', spec)}"
         if hit:
             log.info("original: from the cache (%s)", cache.path("original", spec))
@@ -206,9 +218,11 @@ def get_original(cfg: DictConfig, data: InMemoryData, cache: Cache,
 def get_reference(cfg: DictConfig, data: InMemoryData, split: F.ForgetSplit, cache: Cache,
                   logger=None) -> tuple[Classifier, bool]:
     spec = {"kind": "retrain", **_recipe_spec(cfg), "forget": split.fingerprint()}
+    partial = partial_path(cache.path("retrain", spec))
     state, hit = cache.get_or_create("retrain", spec, lambda: fit_supervised(
-        cfg, data, split.retain, new_net(cfg, data), phase="reference", logger=logger),
+        cfg, data, split.retain, new_net(cfg, data), phase="reference", logger=logger, checkpoint=partial),
         check=lambda s: _fits(new_net(cfg, data), s))
+    partial.unlink(missing_ok=True)  # the finished entry replaces the training's checkpoint
     if hit:
         log.info("reference: from the cache (%s)", cache.path("retrain", spec))
     return load_weights(new_net(cfg, data), state, f"cache entry {cache.path('retrain', spec)}"), hit

@@ -70,6 +70,15 @@ class TensorLoader:
             order = torch.cat([order, order[:extra]])
         return order[self.rank :: self.world_size]
 
+    @property
+    def sampler(self) -> TensorLoader:
+        """Lightning's fit loop calls `sampler.set_epoch(epoch)` before every epoch (fabric's
+        `_set_sampler_epoch`): a training resumed from a checkpoint shuffles its epochs as before."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
     def __len__(self) -> int:
         n = math.ceil(len(self.indices) / self.world_size)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
@@ -97,6 +106,12 @@ class PairedLoader:
         if anchor not in loaders:
             raise ValueError(f"anchor split {anchor!r} not among {sorted(loaders)}")
         self.loaders, self.anchor = loaders, anchor
+
+    @property
+    def sampler(self) -> TensorLoader:
+        """The anchor's epoch follows Lightning's (see TensorLoader.sampler); the cycled splits keep
+        their own count of passes."""
+        return self.loaders[self.anchor]
 
     def __len__(self) -> int:
         return len(self.loaders[self.anchor])
