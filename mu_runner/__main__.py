@@ -29,7 +29,8 @@ def _dirname(name: str, limit: int = 120) -> str:
     """`${dirname:NAME}`: NAME as a directory name, within file-system limits (255 bytes): a long
     override list keeps its first `limit` characters and gets a short hash of the whole, so it
     stays unique and a restarted sweep finds the same directory again."""
-    name = name.replace("/", "_")
+    from mu_runner.utils.redact import redact
+    name = redact(name).replace("/", "_")  # no credential typed into an override becomes a directory name
     if len(name.encode()) <= limit:
         return name
     import hashlib
@@ -50,8 +51,10 @@ def main(cfg: DictConfig) -> float | None:
     """
     from mu_runner.run import run  # heavy imports after Hydra has parsed the command line
     from mu_runner.utils.console import quiet_libraries
+    from mu_runner.utils.redact import protect_run, redact
 
     quiet_libraries()
+    protect_run()  # no credential in Hydra's files, the log or W&B's record of the command line
 
     try:
         if cfg.get("tune") is not None:  # experiment=tune: one Optuna trial over the tuning seeds
@@ -63,11 +66,11 @@ def main(cfg: DictConfig) -> float | None:
             raise  # the traceback, as Hydra gives it for other errors
         log.error("%s", err)
         for line in str(err).splitlines():  # one line per problem (validate.py collects them all)
-            print(f"mu_runner: error: {line}", file=sys.stderr)
+            print(f"mu_runner: error: {redact(line)}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             out = Path(HydraConfig.get().runtime.output_dir)
             with contextlib.suppress(OSError):  # a full disk must not turn the one line into a traceback
-                (out / "error.txt").write_text(f"{type(err).__name__}: {err}\n")
+                (out / "error.txt").write_text(redact(f"{type(err).__name__}: {err}\n"))
             return None
         sys.exit(2)
     return metrics.get("summary/avg_gap")

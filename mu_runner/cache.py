@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mu_runner.errors import MuRunnerError, OutputError
+from mu_runner.utils.redact import redact_bytes
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename: readers see all or nothing.
 
     A failed write (disk full, permissions) leaves neither `path` nor the temporary file and
-    raises OutputError naming `path`.
+    raises OutputError naming `path`. Credentials in `data` are redacted (utils/redact.py).
     """
-    path = Path(path)
-    tmp = None
+    path, data, tmp = Path(path), redact_bytes(data), None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -12,6 +12,7 @@ from mu_runner.evaluation import EvaluationResult
 from mu_runner.metrics.scoring import stratified_subset
 from mu_runner.settings import method_node
 from mu_runner.utils.loggers import finish_logger
+from mu_runner.utils.redact import redact_obj
 
 log = logging.getLogger("mu_runner")
 
@@ -112,7 +113,8 @@ def write_outputs(stage, result: EvaluationResult, out: Path) -> dict:
     """The run directory's files from the evaluator's result; metrics.json last."""
     out.mkdir(parents=True, exist_ok=True)
     metrics = assemble(stage, result)
-    atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(stage.cfg, resolve=True).encode())
+    config = redact_obj(OmegaConf.to_container(stage.cfg, resolve=True))  # no credential (utils/redact.py)
+    atomic_write_bytes(out / "config.yaml", OmegaConf.to_yaml(config).encode())
     atomic_write_json(out / "forget_split.json", stage.split.to_json())
     if stage.cfg.save_model:
         state = {k: v.detach().cpu().contiguous() for k, v in stage.module.net.state_dict().items()}

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from mu_runner.errors import ConfigError
+from mu_runner.utils.redact import redact_obj
 
 
 class WandbLogger(_LightningWandbLogger):
@@ -95,8 +96,11 @@ def build_logger(cfg: DictConfig):
         Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
         kwargs = {"group": node.get("group") or sweep_group(), "job_type": node.get("job_type") or _method_name(cfg),
                   "name": node.get("name") or run_name(cfg), "tags": list(node.get("tags") or run_tags(cfg))}
-    logger = instantiate(node, **kwargs)
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    plain = OmegaConf.to_container(node, resolve=True)
+    if redact_obj(plain) != plain:  # a credential in a logger setting (W&B notes, group) never reaches its files
+        node = OmegaConf.create(redact_obj(plain))
+    logger = instantiate(node, **redact_obj(kwargs))
+    logger.log_hyperparams(redact_obj(OmegaConf.to_container(cfg, resolve=True)))  # no credential in its config
     return logger
 
 
