@@ -36,6 +36,15 @@ def test_accuracy_known_value():
     assert MF.accuracy(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2])) == 0.75
 
 
+def test_accuracy_is_the_plain_fraction_correct_for_any_label_set():
+    """torchmetrics' micro average = count of hits / n, also when a class is absent from one side."""
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(1, 1), (7, 3), (1000, 100)]:
+        p, y = torch.randint(0, k, (n,), generator=g), torch.randint(0, k, (n,), generator=g)
+        assert MF.accuracy(p, y) == pytest.approx((p == y).sum().item() / n, abs=1e-6)
+    assert MF.accuracy(torch.tensor([9, 9]), torch.tensor([9, 3])) == 0.5  # only high class ids present
+
+
 def test_accuracy_of_empty_set_is_none():
     assert MF.accuracy(torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)) is None
 

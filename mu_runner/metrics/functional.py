@@ -11,13 +11,16 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedShuffleSplit, cross_val_score
 from sklearn.svm import SVC
 from torch import Tensor
+from torchmetrics.functional.classification import multiclass_accuracy
 
 
 def accuracy(preds: Tensor, labels: Tensor) -> float | None:
-    """Fraction of correct predictions; None for an empty set (e.g. no forgotten test class)."""
+    """Fraction of correct predictions (torchmetrics' micro-averaged multiclass accuracy); None for
+    an empty set (e.g. no forgotten test class), where torchmetrics would say 0."""
     if labels.numel() == 0:
         return None
-    return float((preds == labels).float().mean())
+    num_classes = int(max(int(preds.max()), int(labels.max()))) + 1
+    return float(multiclass_accuracy(preds, labels, num_classes, average="micro", validate_args=False))
 
 
 def quantiles(x: Tensor, n: int | None) -> Tensor:
