@@ -36,7 +36,7 @@ class EpochCheckpoint(L.Callback):
             return
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            trainer.save_checkpoint(tmp)
+            trainer.save_checkpoint(tmp, weights_only=False)  # the whole state: optimizer, loops (resumable)
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
