@@ -11,6 +11,7 @@ from mu_runner.cache import atomic_save_file, atomic_write_bytes, atomic_write_j
 from mu_runner.evaluation import EvaluationResult
 from mu_runner.metrics.scoring import stratified_subset
 from mu_runner.settings import method_node
+from mu_runner.utils import crashpoint
 from mu_runner.utils.loggers import finish_logger
 from mu_runner.utils.redact import redact_obj
 
@@ -138,6 +139,7 @@ def write_outputs(stage, result: EvaluationResult, out: Path) -> dict:
                     near_chance(metrics["original"], stage.data.num_classes, stage.split.classes)[1])
     log.info("results\n%s", summary_table(metrics))  # in the run's log file too
     finish_logger(stage.trainer.logger)  # the logger's files are complete before the run counts as done
+    crashpoint.pause_if("outputs")  # tests only: a kill with every file but metrics.json written
     atomic_write_json(out / "metrics.json", metrics)  # last: its presence means finished
     return metrics
 

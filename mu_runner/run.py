@@ -38,6 +38,7 @@ from mu_runner.methods.supervised import SupervisedTraining
 from mu_runner.models import Classifier, one_by_one, stage_sizes
 from mu_runner.outputs import write_outputs
 from mu_runner.settings import method_node
+from mu_runner.utils import crashpoint
 from mu_runner.utils.loggers import build_logger, finish_logger
 
 log = logging.getLogger("mu_runner")
@@ -108,6 +109,8 @@ def _trainer(cfg: DictConfig, epochs: int, phase: str = "train", **kwargs) -> L.
     """The configured Trainer; its progress bar (if enabled) is labelled with the phase."""
     if cfg.trainer.get("enable_progress_bar", True):
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), phase_bar(phase)]
+    if crashpoint.requested() == phase:  # tests only: a kill in the middle of this training
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), crashpoint.PausePoint(phase)]
     return instantiate(cfg.trainer, max_epochs=epochs, **kwargs)
 
 
