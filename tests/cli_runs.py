@@ -22,9 +22,10 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def command(tmp: Path, *overrides: str, run_dir: Path | None = None) -> list[str]:
-    """TINY + overrides, everything under `tmp` (run directory `tmp/run` unless given)."""
-    return [sys.executable, "-m", "mu_runner", *TINY, f"paths.root_dir={tmp}", f"paths.cache_dir={tmp}/cache",
-            f"hydra.run.dir={run_dir or tmp / 'run'}", *overrides]
+    """TINY + overrides, everything under `tmp` (run directory `tmp/run` unless given); flags (-m) first."""
+    flags = [o for o in overrides if o.startswith("-")]
+    return [sys.executable, "-m", "mu_runner", *flags, *TINY, f"paths.root_dir={tmp}", f"paths.cache_dir={tmp}/cache",
+            f"hydra.run.dir={run_dir or tmp / 'run'}", *(o for o in overrides if not o.startswith("-"))]
 
 
 def run_cli(tmp: Path, *overrides: str, timeout: float = 600, **extra_env: str) -> subprocess.CompletedProcess:
