@@ -163,8 +163,8 @@ class Cache:
                 try:
                     return self._read(path, check), True
                 except Damaged as why:
-                    log.warning("cache entry %s is damaged (%s): rebuilding it", path, why)
                     self._remove(path, str(why))
+                    log.warning("cache entry %s is damaged (%s): rebuilding it", path, why)
             for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a killed writer's leftovers
                 stale.unlink(missing_ok=True)
             log.info("cache miss: building %s %s", kind, path.name)
