@@ -20,6 +20,8 @@ from cli_runs import SMALL, command, env, run_cli
 
 from mu_runner.cache import read_entry
 
+pytestmark = pytest.mark.slow  # real runs in subprocesses (about a minute on one free core)
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:

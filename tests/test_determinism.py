@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from cli_runs import SMALL, run_cli
+
+pytestmark = pytest.mark.slow  # real runs in subprocesses (about a minute on one free core)
 
 # augmentation on, so that its random draws are part of what must repeat
 SETTINGS = (*SMALL, "data.augment.pad=1", "data.augment.flip=true", "forget.k=1")
