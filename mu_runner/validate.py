@@ -282,10 +282,13 @@ def _forget(cfg: DictConfig, out: list[str]) -> None:
         return
     _need(out, cfg, "forget.seed", *SEED)
     classes_known = _known_classes(cfg)
-    k = _need(out, cfg, "forget.k", lambda v: v is None or (_is_int(v) and v >= 1), "null or an integer >= 1")
-    if kind == "classes" and _is_int(k) and k >= 1 and classes_known and k >= classes_known:
+    k = _need(out, cfg, "forget.k", lambda v: v is None or _is_int(v), "null or an integer >= 1")
+    if kind == "classes" and _is_int(k) and classes_known and not 1 <= k < classes_known:
         out.append(f"forget.k={k}: must be an integer in 1..{classes_known - 1} "
                    f"(the data has {classes_known} classes and one must remain)")
+    elif _is_int(k) and k < 1 and (kind == "random" or classes_known):
+        out.append(f"forget.k={k}: allowed null or an integer >= 1")
+    # else: an integer k of classes the config does not count is checked by make_split, which names them
     fraction = _need(out, cfg, "forget.fraction", lambda v: v is None or (_is_number(v) and 0 < v < 1),
                      "null or a fraction in (0, 1)")
     if k not in (None, MISSING) and fraction not in (None, MISSING):

@@ -68,7 +68,9 @@ BAD = [  # (id, overrides, the one line)
     ("reference", ["reference=maybe"], "reference='maybe': allowed retrain, none"),
     ("checkpoint-missing", ["original_checkpoint=nope.pt"], "original_checkpoint='nope.pt': file not found"),
     # the forget set
-    ("k-0", ["forget.k=0"], "forget.k=0: allowed null or an integer >= 1"),
+    ("k-0-random", ["forget=random", "forget.k=0"], "forget.k=0: allowed null or an integer >= 1"),
+    ("k-0-synthetic", ["data=synthetic", "forget.k=0"],
+     "forget.k=0: must be an integer in 1..9 (the data has 10 classes and one must remain)"),
     ("k-abc", ["forget.k=abc"], "forget.k='abc': allowed null or an integer >= 1"),
     ("k-all-classes", ["data=synthetic", "forget.k=10"],
      "forget.k=10: must be an integer in 1..9 (the data has 10 classes and one must remain)"),
@@ -194,6 +196,7 @@ LATE = [
     ("vit-8px", ["backbone=test_vit", "backbone.small_stem=false"],
      "backbone cannot take 1x8x8 inputs: Input height (8) should be divisible by patch size (16)."),
     ("k-digits", ["forget.k=10"], "forget.k=10: must be an integer in 1..9 (the data has 10 classes and one must remain)"),
+    ("k-0-digits", ["forget.k=0"], "forget.k=0: must be an integer in 1..9 (the data has 10 classes and one must remain)"),
     ("random-one-sample", ["forget=random", "forget.k=1"],
      "forget=random with forget.k=1: 1 of 1295 training samples; need at least 2"),
     ("random-tiny-fraction", ["forget=random", "forget.fraction=0.0001"],
@@ -268,3 +271,10 @@ def test_validation_is_fast(tiny):
     start = time.perf_counter()
     validate(cfg)
     assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("method", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "method").glob("*.yaml")))
+def test_every_method_yaml_passes_the_network_check(tiny, method):
+    from mu_runner.validate import check_network
+    cfg = tiny(f"method={method}")
+    check_network(cfg, R.load_data(cfg))
