@@ -50,13 +50,34 @@ def validate(cfg: DictConfig) -> None:
 def problems(cfg: DictConfig) -> list[str]:
     """Every problem of `cfg`, one line each, in a stable order, without repeats."""
     out: list[str] = []
+    if not _shapes(cfg, out):
+        return out
     unknown_keys(cfg, "", _shipped_keys(), out)
     for check in (_top, _data, _backbone, _train, _forget, _eval, _callbacks, _logger, _method, _cross, _tune):
         try:
             check(cfg, out)
         except MuRunnerError as err:  # a check that could not go on (its own message is the problem)
             out.extend(str(err).splitlines())
+        except Exception as err:  # noqa: BLE001 - a value of a shape no rule foresaw: a line, not a traceback
+            if not out:
+                out.append(f"{check.__name__.strip('_')}: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
     return list(dict.fromkeys(out))
+
+
+GROUPS = ("data", "backbone", "train", "forget", "method", "eval", "callbacks", "paths", "trainer")
+
+
+def _shapes(cfg: DictConfig, out: list[str]) -> bool:
+    """Every group is a mapping (`eval=3` is not); False when one is not (nothing else can be read)."""
+    for group in GROUPS:
+        if group not in cfg or OmegaConf.is_interpolation(cfg, group):
+            continue
+        node = cfg._get_node(group)
+        if not isinstance(node, DictConfig) or node._is_none():
+            value = None if node._is_none() else node._value()
+            out.append(f"{group}={value!r}: allowed a mapping of the {group} group's keys "
+                       f"(choose an option with {group}=<name>, set keys with {group}.<key>=<value>)")
+    return not out
 
 
 # -- unknown keys ---------------------------------------------------------------------------------------
@@ -88,7 +109,8 @@ def _target_keys(node: DictConfig, path: str, out: list[str]) -> None:
     try:
         allowed = _parameters(str(target))
     except (ImportError, AttributeError, ValueError) as err:
-        out.append(f"{path}._target_={target!r}: cannot be imported ({err})")
+        first = next((ln.strip() for ln in str(err).splitlines() if "Error" in ln and "loading" not in ln), "")
+        out.append(f"{path}._target_={target!r}: cannot be imported" + (f" ({first})" if first else ""))
         return
     if allowed is not None:
         allowed = allowed | HYDRA_KEYS | EXTRA_KEYS.get(path, set())
@@ -180,7 +202,9 @@ def _get(cfg: DictConfig, key: str, out: list[str]) -> Any:
         if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value, resolve=True)
     except OmegaConfBaseException as err:
-        out.append(f"{key}: {str(err).splitlines()[0]}")
+        message = str(err).splitlines()[0]
+        if not any(line.endswith(f": {message}") for line in out):  # once, where it is first read
+            out.append(f"{key}: {message}")
         return MISSING
     return value
 
@@ -190,6 +214,7 @@ def _own(cfg: DictConfig, key: str, out: list[str]) -> Any:
     *parents, last = key.split(".")
     node = OmegaConf.select(cfg, ".".join(parents)) if parents else cfg
     if isinstance(node, DictConfig) and last in node and OmegaConf.is_interpolation(node, last):
+        _get(cfg, key, out)  # only to report an interpolation that does not resolve
         return MISSING
     return _get(cfg, key, out)
 
@@ -237,6 +262,7 @@ def _data(cfg: DictConfig, out: list[str]) -> None:
     _need(out, cfg, "data.split_seed", *SEED)
     _need(out, cfg, "data.image_size", lambda v: v is None or (_is_int(v) and v >= 1),
           "null (the data's own size) or an integer >= 1")
+    _need(out, cfg, "data.augment", lambda v: isinstance(v, dict), "a mapping {pad: <pixels>, flip: <bool>}")
     _need(out, cfg, "data.augment.pad", _int_at_least(0), "an integer >= 0 (pixels of random shift)")
     _need(out, cfg, "data.augment.flip", lambda v: isinstance(v, bool), "true, false")
 
@@ -254,9 +280,28 @@ def _optimizer(cfg: DictConfig, group: str, out: list[str]) -> None:
     if not isinstance(parent, DictConfig) or "optimizer" not in parent or OmegaConf.is_interpolation(parent, "optimizer"):
         return  # an interpolation (retrain's ${train.optimizer}) is checked where it comes from
     node = parent._get_node("optimizer")
+    before = len(out)
     if isinstance(node, DictConfig) and "lr" in node:
         _need(out, cfg, f"{group}.optimizer.lr", lambda v: _is_number(v) and math.isfinite(v) and v > 0,
               "a finite learning rate > 0")
+    if len(out) > before or not isinstance(node, DictConfig) or "_target_" not in node \
+            or any(line.startswith(f"{group}.") for line in out):
+        return  # a value reported above (train.epochs=abc reaches T_max) would only be repeated
+    # the optimizer and scheduler as the runner makes them, on one dummy weight: a value torch refuses
+    # (T_max=abc, betas=[2, 0]) is a line now, not a traceback when the training starts
+    import torch
+    from hydra.utils import instantiate
+    where = f"{group}.optimizer"
+    try:
+        optimizer = instantiate(parent.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+        scheduler = parent.get("scheduler")
+        if isinstance(scheduler, DictConfig) and not OmegaConf.is_interpolation(parent, "scheduler"):
+            where = f"{group}.scheduler"
+            optimizer.step()  # no gradient: nothing moves; the scheduler's first step computes its rate
+            instantiate(scheduler)(optimizer).step()
+    except Exception as err:  # noqa: BLE001 - whatever torch or Hydra raise, as one line
+        cause = err.__cause__ or err
+        out.append(f"{where}: {type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}")
 
 
 def _train(cfg: DictConfig, out: list[str]) -> None:
@@ -378,6 +423,9 @@ def _method(cfg: DictConfig, out: list[str]) -> None:
                   or (key == "forget_batch_size" and v is None), "an integer >= 1" + (
                       " or null" if key == "forget_batch_size" else ""))
     _need(out, cfg, "method.seed", *SEED)
+    if "optimizer" in cfg.method and getattr(cls, "min_epochs", 1) >= 1:
+        _need(out, cfg, "method.optimizer", lambda v: isinstance(v, dict) and "_target_" in v,
+              "an optimizer node with a _target_ (the method trains)")
     if "optimizer" in cfg.method:
         _optimizer(cfg, "method", out)
     if any(line.startswith("method") for line in out[before:]) or \
