@@ -24,6 +24,7 @@ import difflib
 import functools
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -298,7 +299,9 @@ def _optimizer(cfg: DictConfig, group: str, out: list[str]) -> None:
         if isinstance(scheduler, DictConfig) and not OmegaConf.is_interpolation(parent, "scheduler"):
             where = f"{group}.scheduler"
             optimizer.step()  # no gradient: nothing moves; the scheduler's first step computes its rate
-            instantiate(scheduler)(optimizer).step()
+            with warnings.catch_warnings():  # torch's "step() before optimizer.step()" notice: not the user's
+                warnings.simplefilter("ignore")
+                instantiate(scheduler)(optimizer).step()
     except Exception as err:  # noqa: BLE001 - whatever torch or Hydra raise, as one line
         cause = err.__cause__ or err
         out.append(f"{where}: {type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}")
