@@ -43,3 +43,16 @@ def test_a_run_announces_each_phase_once_without_library_noise(tmp_path):
     text = "\n".join(lines)
     assert "original: from the cache" in text and "reference: from the cache" in text
     assert "training" not in text and "cache miss" not in text
+
+
+def test_a_one_shot_method_prints_no_lightning_notice_about_its_missing_optimizer(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "HYDRA_FULL_ERROR")}
+    env["OMP_NUM_THREADS"] = "1"
+    res = subprocess.run([sys.executable, "-m", "mu_runner", *TINY, "train.epochs=1", "method=ssd", "reference=none",
+                          f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'ssd'}"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = res.stdout + res.stderr
+    assert "ssd: unlearning (one-shot)" in text
+    for noise in ("configure_optimizers", "eval mode", "Warning"):
+        assert noise not in text, f"{noise!r} in the terminal output:\n{text}"

@@ -28,3 +28,7 @@ def quiet_libraries() -> None:
     # torch's pytree (via Lightning) and timm's layer imports deprecate names they still use themselves
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\..*")
+    # one-shot methods (ssd, mnemonic, weight_filter) fit with no optimizer on purpose, and a method that
+    # keeps its network in eval mode (BatchNorm statistics frozen) does so on purpose: not news to the user
+    warnings.filterwarnings("ignore", message=r".*configure_optimizers. returned .None.*")
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
