@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint clean results report study privacy tune
+.PHONY: setup run test lint clean results report study privacy tune bench
 setup: $(STAMP)
 
 # constraints.txt pins torch 2.14.1 + torchvision 0.29.1 (local files) and everything else,
@@ -48,6 +48,11 @@ privacy: setup
 	$(PY) -m mu_runner -m experiment=privacy hydra.sweep.dir=$(PRIVACY_DIR) $(ARGS)
 	$(PY) -m mu_runner.report $(PRIVACY_DIR) --md docs/privacy_digits.md \
 		--title "Per-example privacy on digits (test ResNet, train=memorize, make privacy)"
+
+# Throughput vs a plain PyTorch loop (digits, CIFAR-shaped), the evaluation's share of a run, the trainings
+# of a sweep; a few minutes on 2 cores; not part of make test -> outputs/bench/bench.json (docs/benchmarks.md)
+bench: setup
+	$(PY) -m bench.cpu $(ARGS)
 
 # A table and plots from any sweep directory: make report DIR=outputs/multiruns/<time>
 report: setup

@@ -112,3 +112,22 @@ def test_an_untrained_original_is_flagged_in_the_log_metrics_json_and_table(tiny
     assert warning == [f"original is near chance: test accuracy {m['original']['test_acc']:.3f} (chance 0.111); "
                        "every unlearning number below compares untrained models"]
     assert summary_table(m).splitlines()[-1].startswith("WARNING: the original is near chance (test 0.")
+
+
+def test_first_non_finite_names_the_tensor_and_passes_finite_weights_whose_norm_overflows():
+    from mu_runner.callbacks.divergence import first_non_finite
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
+    assert first_non_finite(net) is None
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with torch.no_grad():
+            net[2].weight[1, 3] = bad
+        assert first_non_finite(net) == "2.weight"
+        with torch.no_grad():
+            net[2].weight[1, 3] = 0.0
+    net[1].running_var[2] = float("nan")  # a floating buffer counts too
+    assert first_non_finite(net) == "1.running_var"
+    net[1].running_var.fill_(1.0)
+    with torch.no_grad():
+        net[0].weight.fill_(3e37)  # finite, but the L1 norm of the fast path overflows: the exact check clears it
+    assert first_non_finite(net) is None
