@@ -68,6 +68,7 @@ def profile_steps(cfg, data, device: torch.device, out_dir: Path, batches: int =
 
     c1 = with_epochs(cfg, 1)
     pool = data.pool[: batches * int(cfg.train.batch_size)]
+    batches = math.ceil(len(pool) / int(cfg.train.batch_size))
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         ours_train(c1, data, new_net(cfg, data), pool, checkpoint=False)

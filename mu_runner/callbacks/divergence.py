@@ -64,7 +64,8 @@ class DivergenceGuard(L.Callback):
 
     @staticmethod
     def _net(pl_module: L.LightningModule) -> nn.Module:
-        return getattr(pl_module, "net", None) or pl_module
+        net = getattr(pl_module, "net", None)  # not `or`: a torch.compile'd network has no truth value
+        return pl_module if net is None else net
 
     def _remove(self) -> None:
         if self._handle is not None:
