@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -14,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mu_runner.errors import MuRunnerError
+from mu_runner.utils import gpus  # registers the launcher presets' resolvers (visible_gpus, ...)
 
 log = logging.getLogger("mu_runner")
 
@@ -39,6 +41,9 @@ def _dirname(name: str, limit: int = 120) -> str:
 
 OmegaConf.register_new_resolver("mkdir", _mkdir, replace=True)
 OmegaConf.register_new_resolver("dirname", _dirname, replace=True)
+# conf/hydra/launcher/*.yaml are complete presets named like the plugins' configs (hydra/launcher=ray...);
+# Hydra still checks them against the plugins' schemas and says that this check is deprecated
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://mu_runner.conf", config_name="config")
@@ -57,6 +62,7 @@ def main(cfg: DictConfig) -> float | None:
     protect_run()  # no credential in Hydra's files, the log or W&B's record of the command line
 
     try:
+        gpus.assign_job_gpu(cfg)  # a parallel job that sees several GPUs takes its own (utils/gpus.py)
         if cfg.get("tune") is not None:  # experiment=tune: one Optuna trial over the tuning seeds
             from mu_runner.tuning import tune
             return tune(cfg)

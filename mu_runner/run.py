@@ -18,6 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mu_runner import ddp
 from mu_runner.cache import Cache
 from mu_runner.callbacks import instantiate_callbacks
 from mu_runner.callbacks.divergence import DivergenceGuard
@@ -28,7 +29,7 @@ from mu_runner.callbacks.timing import UnlearnTimer
 from mu_runner.callbacks.validation import EpochValidation
 from mu_runner.checkpoints import read_checkpoint
 from mu_runner.data import forget as F
-from mu_runner.data.datamodule import InMemoryData, StageData
+from mu_runner.data.datamodule import InMemoryData, StageData, check_batch_sizes
 from mu_runner.data.sources import resized
 from mu_runner.errors import CheckpointError, ConfigError, MuRunnerError
 from mu_runner.evaluation import EvaluationResult, Evaluator
@@ -63,10 +64,12 @@ class Stage:
     umia: object | None = None  # the per-example attack (eval.umia), its shadows ready
     stopper: ForgetTarget | None = None  # callbacks.forget_target: stopping at equal forgetting
     stage_sizes: dict = field(default_factory=dict)  # stage -> [h, w] of its feature map
+    launch: ddp.Launch = field(default_factory=ddp.Launch)  # processes of the unlearning stage (trainer=ddp)
 
     def fit(self) -> None:
         L.seed_everything(self.cfg.seed, workers=False, verbose=False)
-        self.trainer.fit(self.module, datamodule=self.datamodule)
+        with ddp.local_ranks(self.cfg, self.launch, self.trainer):  # trainer=ddp: rank 0 starts the others
+            self.trainer.fit(self.module, datamodule=self.datamodule)
 
     def evaluate(self) -> EvaluationResult:
         """Original, unlearned and retrained model scored by the one evaluator, plus analyses."""
@@ -105,8 +108,13 @@ def new_net(cfg: DictConfig, data: InMemoryData) -> Classifier:
     return make(cfg.backbone, "backbone", num_classes=data.num_classes, in_chans=c, img_size=h, mean=mean, std=std)
 
 
-def _trainer(cfg: DictConfig, epochs: int, phase: str = "train", **kwargs) -> L.Trainer:
-    """The configured Trainer; its progress bar (if enabled) is labelled with the phase."""
+def _trainer(cfg: DictConfig, epochs: int, phase: str = "train", single: bool = False, **kwargs) -> L.Trainer:
+    """The configured Trainer; its progress bar (if enabled) is labelled with the phase.
+
+    `single`: one device, no process group (the trainings that make cache entries; mu_runner/ddp.py).
+    """
+    if single:
+        kwargs = {**ddp.single_device(cfg.trainer), **kwargs}
     if cfg.trainer.get("enable_progress_bar", True):
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), phase_bar(phase)]
     if crashpoint.requested() == phase:  # tests only: a kill in the middle of this training
@@ -156,7 +164,7 @@ def fit_supervised(cfg: DictConfig, data: InMemoryData, retain: torch.Tensor, ne
     if checkpoint is not None and every > 0:
         callbacks.append(EpochCheckpoint(checkpoint, every))
     resume = resumable(checkpoint, phase) if every > 0 else None
-    _trainer(cfg, t.epochs, phase, logger=False, callbacks=callbacks).fit(
+    _trainer(cfg, t.epochs, phase, single=True, logger=False, callbacks=callbacks).fit(
         module, datamodule=dm, ckpt_path=resume, weights_only=True if resume else None)
     seconds = time.perf_counter() - start
     if logger:  # the run's logger gets this training's curve as <phase>/train/loss (W&B, CSV, TensorBoard)
@@ -248,6 +256,7 @@ def build(cfg: DictConfig) -> Stage:
         log.warning("stages %s see 1x1 feature maps at %dx%d input (3x3 kernels there see mostly padding); "
                     "a larger data.image_size avoids it", ", ".join(one_by_one(sizes)), *data.source.shape[1:])
     evaluator = Evaluator(data, split, cfg.eval, cfg.seed)
+    launch = ddp.plan(cfg.trainer)  # trainer=ddp: the unlearning stage's processes (cache trainings: one device)
     cache = Cache(cfg.paths.cache_dir)
     logger = build_logger(cfg) or False  # before the trainings, so that it gets their curves
     try:
@@ -258,23 +267,28 @@ def build(cfg: DictConfig) -> Stage:
         method_cls = _target_class(cfg.method)
         net = new_net(cfg, data) if method_cls.from_scratch else copy.deepcopy(original)
         module = make_method(cfg, net=net)
+        check_batch_sizes(StageData(data, split, cfg.seed).batch_sizes(module.data_plan()),  # global batch
+                          launch.world_size)  # sizes split among the ranks
         prepare_method(cfg, module, original, data, cache)  # one-off, cached: outside unlearn_seconds
         timer = UnlearnTimer()
         configured = instantiate_callbacks(cfg.callbacks, data=data, split=split, reference=reference,
                                            seed=int(cfg.seed), min_epochs=module.target_min_epochs)
-        callbacks: list = [DivergenceGuard(), timer, *configured]  # the guard first: no rule judges a diverged model
+        callbacks: list = [DivergenceGuard(), timer, *configured, *ddp.callbacks(launch)]  # the guard first: no
+        # rule judges a diverged model; DDP: a stop on one rank stops all (last)
         monitor = next((c for c in configured if isinstance(c, EpochValidation)), None)
         stopper = next((c for c in configured if isinstance(c, ForgetTarget)), None)
         epochs = module.epochs
         if stopper is not None:
             epochs = int(cfg.callbacks.get("max_epochs") or epochs)
-        trainer = _trainer(cfg, epochs, _choice("method") or module.name, logger=logger, callbacks=callbacks)
-        umia, hits = build_umia(cfg, data, split, cache)
+        umia, hits = build_umia(cfg, data, split, cache)  # shadows cached before the stage's processes start
+        trainer = _trainer(cfg, epochs, _choice("method") or module.name, logger=logger, callbacks=callbacks,
+                           **ddp.plugins(launch))
     except BaseException:
         finish_logger(logger)  # a W&B run is never left open by a failed build
         raise
     return Stage(cfg, data, split, original, reference, module, trainer, StageData(data, split, cfg.seed),
-                 timer, monitor, evaluator, {"original": hit_o, "retrain": hit_r, **hits}, umia, stopper, sizes)
+                 timer, monitor, evaluator, {"original": hit_o, "retrain": hit_r, **hits}, umia, stopper, sizes,
+                 launch)
 
 
 def check_callbacks(cfg: DictConfig) -> None:
@@ -331,9 +345,10 @@ def prepare_method(cfg: DictConfig, module: UnlearningModule, original: Classifi
     def fit(lit: L.LightningModule, epochs: int) -> None:
         dm = StageData(data, F.ForgetSplit(data.pool[:0], data.pool, None), cfg.seed)
         L.seed_everything(cfg.seed, workers=False, verbose=False)
-        _trainer(cfg, epochs, "preparation", logger=False, callbacks=[]).fit(lit, datamodule=dm)
+        _trainer(cfg, epochs, "preparation", single=True, logger=False, callbacks=[]).fit(lit, datamodule=dm)
 
-    module.prepare(cache, spec, original, data, fit)
+    view = StageData(data, None, cfg.seed).attach(module.data_plan(), module.who)  # no forget set: shared by all
+    module.prepare(cache, spec, original, view, fit)
 
 
 UMIA = ("none", "lira")
@@ -400,6 +415,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("%s exists: finished run, skipped", done)
         import json
         return flatten(json.loads(done.read_text()))
+    if not ddp.is_main():  # a DDP rank started by a cluster (srun, torchrun): rank 0 tells
+        log.setLevel(logging.WARNING)
     stage = build(cfg)
     try:
         name = _choice("method") or stage.module.name
@@ -407,6 +424,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                  if stage.module.optimizer_factory is not None else "one-shot")
         start = time.perf_counter()
         stage.fit()
+        if not ddp.is_main(stage.trainer):  # only global rank 0 evaluates and writes the run directory
+            return {}
         log.info("%s: done in %.1f s; evaluation of original, unlearned and retrained model", name,
                  time.perf_counter() - start)
         result = stage.evaluate()

@@ -54,9 +54,10 @@ def optimizer_steps():
         handle.remove()
 
 
-def fit_recording_loaders(overrides: list[str], tmp: Path):
+def fit_recording_loaders(overrides: list[str], tmp: Path, before_fit=None):
     """Build a tiny stage from TINY + `overrides` and fit it; returns (stage, the index set of every
-    loader the unlearning built) — the original's training (a cache miss) is not recorded."""
+    loader the unlearning built) — the original's training (a cache miss) is not recorded.
+    `before_fit(stage)` runs between the two."""
     from mu_runner.data.datamodule import InMemoryData
     from mu_runner.run import build
 
@@ -71,6 +72,8 @@ def fit_recording_loaders(overrides: list[str], tmp: Path):
         mp.setattr(InMemoryData, "loader", spy_loader)
         stage = build(compose_config([*TINY, *overrides], tmp))
         loaders.clear()
+        if before_fit is not None:
+            before_fit(stage)
         stage.fit()
     return stage, loaders
 

@@ -101,7 +101,9 @@ def test_every_backbone_builds_for_small_grey_images(tiny, option):
 def test_every_method_instantiates_with_its_yaml_defaults(tiny, method):
     from mu_runner.run import make_method
     module = make_method(tiny(f"method={method}"), net=None)
-    assert module.epochs >= 0 and module.anchor in ("forget", "retain")
+    plan = module.data_plan()  # a valid DataPlan (its own checks) that never names the test split
+    assert module.epochs >= 0 and set(plan.names) <= {"forget", "retain", "train", "val"}
+    assert plan.anchor in (None, "forget", "retain")
 
 
 @pytest.mark.parametrize("option", ["csv", "tensorboard", "wandb", "none"])

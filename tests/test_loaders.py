@@ -143,6 +143,37 @@ def test_ddp_uneven_split_yields_no_empty_batch():
         assert all(len(y) > 0 for _, y in loader)
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ddp_step_is_the_single_process_batch_augmented_alike(world_size):
+    """Batch sizes are global: the ranks' shares of step i, interleaved, are one process's batch i,
+    with the same shifts and flips (so DDP changes no number but float summation order)."""
+    images, labels = _data()
+    augment = {"pad": 1, "flip": True}
+
+    def loader(rank: int, ws: int) -> TensorLoader:
+        lo = TensorLoader(images, labels, torch.arange(48), 8, shuffle=True, seed=4, augment=augment)
+        lo.rank, lo.world_size = rank, ws
+        lo.set_epoch(3)
+        return lo
+
+    single = list(loader(0, 1))
+    shares = [list(loader(r, world_size)) for r in range(world_size)]
+    assert all(len(s) == len(single) for s in shares)
+    for i, (x, y) in enumerate(single):
+        joined_x = torch.empty_like(x)
+        joined_y = torch.empty_like(y)
+        for r in range(world_size):
+            joined_x[r::world_size], joined_y[r::world_size] = shares[r][i]
+            assert len(shares[r][i][1]) == 8 // world_size
+        assert torch.equal(joined_x, x) and torch.equal(joined_y, y)
+
+
+def test_ddp_batch_size_must_split_among_the_ranks():
+    loader = _ranks(torch.arange(12), 2, batch_size=5)[0]
+    with pytest.raises(ValueError, match="multiple of the 2"):
+        list(loader)
+
+
 # --------------------------------------------------------------------------- shift_flip
 
 

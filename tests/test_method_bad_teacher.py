@@ -37,7 +37,7 @@ def test_retain_subset_is_a_seeded_rho_fraction_of_the_retain_split(fitted):
     subset, retain = stage.module.retain_subset, stage.split.retain
     assert len(subset) == round(RHO * len(retain)) and len(subset.unique()) == len(subset)
     assert torch.isin(subset, retain).all()
-    assert torch.equal(stage.module.select("retain", retain), subset)  # same seed, same subset
+    assert torch.equal(stage.module.retain_subset_of(retain), subset)  # same seed, same subset
     seen = sorted(len(ix) for ix in loaders)  # only D_f and the subset are ever loaded
     assert seen == sorted([len(stage.split.forget), len(subset)])
     assert any(torch.equal(ix.sort().values, subset) for ix in loaders)

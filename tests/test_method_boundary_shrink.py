@@ -68,7 +68,7 @@ def test_probe_is_bit_identical_to_the_original_after_unlearning(fitted):
 
 def test_only_the_forget_split_is_ever_loaded(fitted):
     stage, _, loaders = fitted
-    assert list(stage.module.batch_sizes) == ["forget"]
+    assert stage.module.data_plan().names == ("forget",)
     assert loaders and all(torch.equal(ix.sort().values, stage.split.forget.sort().values) for ix in loaders)
 
 

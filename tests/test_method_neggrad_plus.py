@@ -72,7 +72,8 @@ def test_loss_is_beta_retain_ce_minus_one_minus_beta_forget_ce(tiny, net_and_bat
 
 def test_retain_comes_first_so_its_loader_order_equals_finetune(tiny):
     module = make_method(method_cfg(tiny, "neggrad_plus", "method.forget_batch_size=16"), net=None)
-    assert list(module.batch_sizes.items()) == [("retain", 64), ("forget", 16)]
+    plan = module.data_plan()
+    assert list(plan.batch_sizes().items()) == [("retain", 64), ("forget", 16)] and plan.anchor == "retain"
 
 
 @pytest.mark.parametrize("key, value", [("beta", 1.5), ("beta", -0.1), ("forget_batch_size", 0),

@@ -142,8 +142,9 @@ def test_salun_trains_on_relabelled_forget_targets_outside_the_forget_classes(sa
     stage, seen = salun
     forget_ids = stage.split.forget
     true = stage.data.labels.cpu()[forget_ids]
-    new = stage.module.targets("forget")
-    assert len(new) == len(forget_ids) and stage.module.targets("retain") is None
+    plan = stage.module.data_plan()
+    new = plan.spec("forget").targets()
+    assert len(new) == len(forget_ids) and plan.spec("retain").targets is None
     assert (new != true).all() and not torch.isin(new, torch.tensor(stage.split.classes)).any()
     served = torch.cat([y for split, y in seen if split == "forget"]).cpu()
     assert sorted(served.tolist()) == sorted(new.tolist())  # the loader serves exactly these
@@ -156,8 +157,8 @@ def test_salun_same_seed_same_mask_and_labels(salun, shared_cache, tmp_path):
     again, _ = fit_salun(tmp_path / "a", shared_cache, *FEW_STEPS)
     other, _ = fit_salun(tmp_path / "b", shared_cache, "method.seed=1", *FEW_STEPS)
     assert all(torch.equal(first.module.mask[n], again.module.mask[n]) for n in first.module.mask)
-    assert torch.equal(first.module.targets("forget"), again.module.targets("forget"))
-    assert not torch.equal(first.module.targets("forget"), other.module.targets("forget"))
+    assert torch.equal(first.module.forget_targets, again.module.forget_targets)
+    assert not torch.equal(first.module.forget_targets, other.module.forget_targets)
 
 
 def test_salun_mask_pass_leaves_the_original_weights_untouched(salun):

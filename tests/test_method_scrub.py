@@ -79,7 +79,7 @@ def test_no_max_pass_no_kl_pure_ce_is_bit_identical_to_finetune(tiny, shared_cac
         stage = build(cfg)
         stage.fit()
         states.append(stage.module.net.state_dict())
-    assert list(stage.module.batch_sizes) == ["retain"]
+    assert stage.module.data_plan().names == ("retain",)
     assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
     assert any(not torch.equal(v, stage.original.state_dict()[k]) for k, v in states[0].items())
 

@@ -79,9 +79,9 @@ def test_retain_subset_has_no_forget_class_and_n_r_per_class(fitted):
     assert (counts[kept] == N_R).all() and torch.isin(subset, stage.split.retain).all()
     assert [sorted(ix.tolist()) for ix in loaders] == [subset.tolist()]  # D_f never loaded: noise needs no image
     stage.module.retain_per_class = 10**6  # capped by what each class has: all of D_r
-    assert torch.equal(stage.module.select("retain", stage.split.retain), stage.split.retain.sort().values)
+    assert torch.equal(stage.module.retain_subset_of(stage.split.retain), stage.split.retain.sort().values)
     stage.module.retain_per_class = N_R
-    assert torch.equal(stage.module.select("retain", stage.split.retain), subset)  # seeded: the same subset
+    assert torch.equal(stage.module.retain_subset_of(stage.split.retain), subset)  # seeded: the same subset
 
 
 def test_impair_then_repair_epochs_with_a_fresh_optimizer_at_repair_lr(fitted):

@@ -123,11 +123,11 @@ def test_ssd_alpha_walk_for_samples_asks_the_forget_set_to_look_unseen(shared_ca
 
 def test_ssd_alpha_walk_reads_no_test_image(shared_cache, tmp_path, monkeypatch):
     """The selection set is D_f + validation images: the test split is out of reach during the edit."""
-    import mu_runner.methods.ssd as ssd_module
+    from mu_runner.data.plan import MethodData
     cfg = compose_config([*TINY, "method=ssd", "forget.k=2", "reference=none", f"paths.cache_dir={shared_cache}"],
                          tmp_path)
     stage = build(cfg)
-    scored, real_edit, real_acc = [], stage.module.edit, ssd_module.accuracy_on
+    scored, real_edit, real_acc = [], stage.module.edit, MethodData.accuracy
 
     def edit():  # the test images and labels are gone while SSD edits: any read of them fails
         images, labels = stage.data.test_images, stage.data.test_labels
@@ -137,11 +137,11 @@ def test_ssd_alpha_walk_reads_no_test_image(shared_cache, tmp_path, monkeypatch)
         finally:
             stage.data.test_images, stage.data.test_labels = images, labels
 
-    def accuracy_on(net, data, indices):
+    def accuracy(self, net, indices):
         scored.append(indices.clone())
-        return real_acc(net, data, indices)
+        return real_acc(self, net, indices)
     stage.module.edit = edit
-    monkeypatch.setattr(ssd_module, "accuracy_on", accuracy_on)
+    monkeypatch.setattr(MethodData, "accuracy", accuracy)
     stage.fit()
     pool_and_val = torch.cat([stage.data.pool, stage.data.val])
     assert scored and all(torch.isin(idx, pool_and_val).all() for idx in scored)  # training-set indices only

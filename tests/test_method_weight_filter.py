@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import TINY, compose_config, optimizer_steps
 
-from mu_runner.data.datamodule import StageData
 from mu_runner.data.loaders import TensorLoader
+from mu_runner.data.plan import MethodData
 from mu_runner.errors import ConfigError
 from mu_runner.methods.weight_filter import FilterTraining
 from mu_runner.metrics.scoring import predict
@@ -51,7 +51,8 @@ def fitted(wf):
             yield batch
     with pytest.MonkeyPatch.context() as mp, optimizer_steps() as steps:
         mp.setattr(TensorLoader, "__iter__", spy)
-        mp.setattr(StageData, "batches", lambda self, *a, **k: served.append(("batches", a)) or [])
+        for read in ("batches", "loader", "indices", "images", "labels"):
+            mp.setattr(MethodData, read, lambda self, *a, _read=read, **k: served.append((_read, a)) or [])
         stage.fit()
     return stage, steps, served
 

@@ -74,7 +74,7 @@ class ForgetTarget(L.Callback):
         self.checks.append((step, acc))
         self.last_acc = acc
         if log:
-            module.log("val/check_forget_acc", acc)
+            module.log("val/check_forget_acc", acc, sync_dist=True)  # DDP: every rank scores the same images
         if acc <= self.target + 1e-9:
             batches = trainer.num_training_batches
             per_epoch = batches if isinstance(batches, int) and batches > 0 else None

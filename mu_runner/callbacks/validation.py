@@ -38,4 +38,4 @@ class EpochValidation(L.Callback):
             val = val[~torch.isin(labels[val], torch.tensor(self.split.classes))]
         acc_v = MF.accuracy(predict(pl_module.net, self.data.images, val).argmax(1), labels[val])
         metrics = {k: v for k, v in {"val/forget_acc": acc_f, "val/acc": acc_v}.items() if v is not None}
-        pl_module.log_dict(metrics, prog_bar=True)
+        pl_module.log_dict(metrics, prog_bar=True, sync_dist=True)  # DDP: every rank scores the same images

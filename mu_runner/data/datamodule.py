@@ -1,9 +1,11 @@
 """All splits of one dataset as tensors on the training device, and the batches a stage asks for.
 
-`InMemoryData` holds the source's images once; `StageData` (a LightningDataModule) serves the
-splits a module declares (`module.batch_sizes`, e.g. {"forget": 32, "retain": 128}) as one
-`PairedLoader` whose anchor split sets the epoch length. A method never sees a split it did not
-declare: the test split is only reachable through evaluation code.
+`InMemoryData` holds the source's images once; `StageData` (a LightningDataModule) serves what
+the fitted module's `data_plan()` declares, from the plan alone: the served splits as one
+`PairedLoader` (the anchor's pass is the epoch) or `SequentialLoader` (whole passes), and every
+declared split through the module's `MethodData` view (`module.data`), which refuses the others. A
+method never sees a split it did not declare: the test split is only reachable through evaluation
+code (docs/design.md, Data plan).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from torch import Tensor
 
 from mu_runner.data.forget import ForgetSplit
 from mu_runner.data.loaders import PairedLoader, SequentialLoader, TensorLoader
+from mu_runner.data.plan import SPLITS, DataPlan, MethodData, Schedule
 from mu_runner.data.sources import Source
-
-SPLITS = ("forget", "retain", "train", "val")  # train = forget + retain (the whole pool)
+from mu_runner.errors import ConfigError
 
 
 class InMemoryData:
@@ -71,39 +73,82 @@ def _val_split(labels: Tensor, fraction: float, seed: int, keep: list[int] | Non
 
 
 class StageData(L.LightningDataModule):
-    """Serves the splits the fitted module declares, on the trainer's device."""
+    """Serves the splits the fitted module's data plan declares, on the trainer's device.
 
-    def __init__(self, data: InMemoryData, split: ForgetSplit, seed: int = 0) -> None:
+    `split` None: no forget set (a method's `prepare`, shared by every forget set).
+    """
+
+    def __init__(self, data: InMemoryData, split: ForgetSplit | None, seed: int = 0) -> None:
         super().__init__()
         self.data, self.split, self.seed = data, split, seed
+        self.plan: DataPlan | None = None
+        self.method_data: MethodData | None = None
 
     def indices(self, name: str) -> Tensor:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; a method may use {SPLITS}")
+        if name == "val":
+            return self.data.val
         if name == "train":
             return torch.cat([self.split.forget, self.split.retain]).sort().values
-        return {"forget": self.split.forget, "retain": self.split.retain, "val": self.data.val}[name]
+        return {"forget": self.split.forget, "retain": self.split.retain}[name]
+
+    def attach(self, plan: DataPlan, who: str = "the method") -> MethodData:
+        """Take `plan` as what is served, and make the view the module reads (`module.data`)."""
+        self.plan, self.method_data = plan, MethodData(self, plan, who)
+        return self.method_data
+
+    def batch_sizes(self, plan: DataPlan) -> dict[str, int]:
+        """The served splits' batch sizes, shares (`SplitSpec.share_of`) resolved on this stage's splits."""
+        shares = {s.share_of for s in plan.served if s.share_of} | {s.name for s in plan.served if s.share_of}
+        return plan.batch_sizes({name: len(self.indices(name)) for name in shares})
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
             self.data.to(self.trainer.strategy.root_device)
+            module = self.trainer.lightning_module
+            self.attach(module.data_plan(), module.who)
 
-    def train_dataloader(self) -> PairedLoader | SequentialLoader:
-        """The module's splits: paired batches (anchor sets the epoch) or sequential passes."""
-        module = self.trainer.lightning_module
+    def train_dataloader(self) -> PairedLoader | SequentialLoader | IdleLoader:
+        """The plan's served splits: paired batches (anchor sets the epoch) or sequential passes."""
+        plan = self.plan
+        sizes = self.batch_sizes(plan)
+        check_batch_sizes(sizes, self.trainer.world_size)
         loaders = {}
-        for i, (name, size) in enumerate(module.batch_sizes.items()):
-            indices = self.indices(name)
-            if hasattr(module, "select"):  # e.g. a seeded subset of the retain set
-                indices = module.select(name, indices)
-            targets = (lambda n=name: module.targets(n)) if hasattr(module, "targets") else None
-            loader = self.data.loader(indices, size, train=True, seed=self.seed + i, targets=targets)
+        for i, spec in enumerate(plan.served):  # loader seeds by position among the served splits
+            indices = self.indices(spec.name)
+            if spec.select is not None:  # e.g. a seeded subset of the retain set
+                indices = spec.select(indices)
+            loader = self.data.loader(indices, sizes[spec.name], train=True, seed=self.seed + i, targets=spec.targets)
+            # DDP: batch sizes are global, each rank takes its share of every batch (TensorLoader)
             loader.rank, loader.world_size = self.trainer.global_rank, self.trainer.world_size
-            loaders[name] = loader
-        if getattr(module, "schedule", "paired") == "sequential":
-            return SequentialLoader(loaders, module.epoch_plan)
-        return PairedLoader(loaders, module.anchor)
+            loaders[spec.name] = loader
+        if not loaders:  # one-shot: Lightning asks for a loader; no batch is ever drawn from it
+            return IdleLoader()
+        if plan.schedule is Schedule.SEQUENTIAL:
+            return SequentialLoader(loaders, lambda: plan.passes(self.trainer.current_epoch))
+        return PairedLoader(loaders, plan.anchor)
 
     def batches(self, name: str, batch_size: int = 256) -> TensorLoader:
-        """A fixed-order, un-augmented pass over one split, for set-up work (masks, importances)."""
+        """A fixed-order, un-augmented pass over one split (the runner's and tests'; a method reads
+        through `module.data`)."""
         return self.data.loader(self.indices(name), batch_size, train=False)
+
+
+class IdleLoader:
+    """The loader of a plan that serves no split (one-shot methods): one step long, it yields none."""
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):
+        return iter(())
+
+
+def check_batch_sizes(sizes: dict[str, int], world_size: int) -> None:
+    """Under DDP every batch size is global and must split evenly among the processes."""
+    bad = {name: size for name, size in sizes.items() if int(size) % int(world_size)}
+    if world_size > 1 and bad:
+        listed = ", ".join(f"{name} {size}" for name, size in bad.items())
+        raise ConfigError(f"batch size ({listed}) is not a multiple of the {world_size} DDP processes: batch "
+                          f"sizes are global (each process takes batch/{world_size}); choose a multiple of {world_size}")

@@ -15,20 +15,27 @@ from torch import Tensor
 Batch = tuple[Tensor, Tensor]
 
 
-def shift_flip(x: Tensor, pad: int, flip: bool, gen: torch.Generator) -> Tensor:
-    """Random shift by up to `pad` pixels (zero padding) and optional horizontal flip, batched."""
+def shift_flip(x: Tensor, pad: int, flip: bool, gen: torch.Generator, whole: int | None = None,
+               take: slice = slice(None)) -> Tensor:
+    """Random shift by up to `pad` pixels (zero padding) and optional horizontal flip, batched.
+
+    Under DDP `x` is one rank's share `take` of a global batch of `whole` images: the random draws
+    are made for the whole batch, as a single process makes them, and sliced, so each image gets
+    the shift and flip it gets in a single-process run.
+    """
     n, c, h, w = x.shape
+    m = n if whole is None else int(whole)
     if pad > 0:
         padded = F.pad(x, (pad, pad, pad, pad))
-        oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
-        ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(x.device)
+        oy = torch.randint(0, 2 * pad + 1, (m,), generator=gen)[take].to(x.device)
+        ox = torch.randint(0, 2 * pad + 1, (m,), generator=gen)[take].to(x.device)
         rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
         batch = torch.arange(n, device=x.device)[:, None, None, None]
         chan = torch.arange(c, device=x.device)[None, :, None, None]
         x = padded[batch, chan, rows, cols]
     if flip:
-        mask = (torch.rand(n, generator=gen) < 0.5).to(x.device)[:, None, None, None]
+        mask = (torch.rand(m, generator=gen) < 0.5)[take].to(x.device)[:, None, None, None]
         x = torch.where(mask, x.flip(3), x)
     return x
 
@@ -36,8 +43,13 @@ def shift_flip(x: Tensor, pad: int, flip: bool, gen: torch.Generator) -> Tensor:
 class TensorLoader:
     """An epoch of (x, y) batches over `indices`; x is float in [0, 1].
 
-    Shuffling is seeded by (seed, epoch), so a rerun sees the same order; under DDP each rank
-    takes every `world_size`-th index of the shuffled epoch.
+    Shuffling is seeded by (seed, epoch), so a rerun sees the same order. `batch_size` is global:
+    under DDP (`rank`, `world_size` set by StageData) the epoch is padded to a multiple of
+    `world_size` (wrapping around, like DDP's sampler), cut into global batches of `batch_size`,
+    and rank r takes every `world_size`-th image of each, from the r-th on (`batch_size` must be a
+    multiple of `world_size`). The ranks' shares of step i are then exactly a single process's
+    batch i, augmented alike (`shift_flip`), so DDP changes no number but float reduction order
+    (docs/design.md, Running at scale).
     """
 
     def __init__(
@@ -66,9 +78,12 @@ class TensorLoader:
             order = torch.randperm(len(self.indices), generator=gen)
             self.epoch += 1
         if self.world_size > 1:  # every rank gets ceil(n / world_size): wrap around, like DDP's sampler
+            if self.batch_size % self.world_size:
+                raise ValueError(f"batch size {self.batch_size} is not a multiple of the {self.world_size} "
+                                 "DDP processes (batch sizes are global)")
             extra = -len(order) % self.world_size
             order = torch.cat([order, order[:extra]])
-        return order[self.rank :: self.world_size]
+        return order  # the whole epoch; __iter__ takes this rank's share of every global batch
 
     @property
     def sampler(self) -> TensorLoader:
@@ -80,7 +95,7 @@ class TensorLoader:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        n = math.ceil(len(self.indices) / self.world_size)
+        n = math.ceil(len(self.indices) / self.world_size) * self.world_size  # padded for DDP
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -89,12 +104,15 @@ class TensorLoader:
         targets = self.targets() if callable(self.targets) else self.targets
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7)
         device = self.images.device
+        mine = slice(self.rank, None, self.world_size)
         for i in range(len(self)):
-            pos = order[i * self.batch_size : (i + 1) * self.batch_size]
+            step = order[i * self.batch_size : (i + 1) * self.batch_size]  # the global batch
+            pos = step[mine]
             idx = self.indices[pos].to(device)
             x = self.images[idx].float().div_(255)
             if self.augment:
-                x = shift_flip(x, int(self.augment.get("pad", 0)), bool(self.augment.get("flip")), gen)
+                x = shift_flip(x, int(self.augment.get("pad", 0)), bool(self.augment.get("flip")), gen,
+                               whole=len(step), take=mine)
             y = self.labels[idx] if targets is None else targets[pos].to(device)
             yield x, y
 

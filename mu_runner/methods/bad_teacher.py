@@ -8,9 +8,10 @@ kept as `incompetent` for ZRF); student S = the trained network. U = D_f (tag 1)
 ρ-subset of D_r (tag 0); loss KL(q ‖ softmax(S(x)/τ)), batchmean, q = softmax(T_d(x)/τ) on D_f and
 softmax(T_c(x)/τ) on D_r [design: batchmean; the authors' code takes KLDivLoss's element mean
 ('mean'), exactly ours / K for K classes: a constant factor, which Adam's step ignores up to its
-ε]. Deviation [design]: U is served as paired batches
-(`forget_batch_size` + `batch_size`, one forward on their concatenation, so BatchNorm sees mixed
-batches as in the paper's shuffled U) rather than one shuffled set. The anchor is "forget": every
+ε]. Deviation [design]: U is served as paired batches (data plan: Schedule.PAIRED, forget the
+anchor, the retain subset cycled; `forget_batch_size` + `batch_size`, one forward on their
+concatenation, so BatchNorm sees mixed batches as in the paper's shuffled U) rather than one
+shuffled set. The anchor is "forget": every
 forget sample is seen once per epoch, which is what forgetting needs; the retain subset (itself a
 random sample) cycles, and with the default 1:3 split (16:48) and ρ = 0.3 it is fully covered whenever
 |D_f| ≥ ρ|D_r|/3 (class-wise k ≥ 1 on 10 classes, random ≥ 10 %). T_d uses each module's
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import frozen_copy
@@ -49,8 +51,6 @@ def random_teacher(net: nn.Module, seed: int) -> nn.Module:
 class BadTeacher(UnlearningModule):
     """KL to the incompetent teacher on forget batches, to the competent one on retain batches."""
 
-    anchor = "forget"
-
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
                  epochs: int = 1, batch_size: int = 192, seed: int = 0, forget_batch_size: int = 64,
                  retain_fraction: float = 0.3, temperature: float = 1.0, bad_teacher_seed: int = 0) -> None:
@@ -62,14 +62,13 @@ class BadTeacher(UnlearningModule):
         self.forget_batch_size, self.retain_fraction = int(forget_batch_size), float(retain_fraction)
         self.temperature, self.bad_teacher_seed = float(temperature), int(bad_teacher_seed)
 
-    @property
-    def batch_sizes(self) -> dict[str, int]:
-        return {"forget": self.forget_batch_size, "retain": self.batch_size}
+    def data_plan(self) -> DataPlan:
+        """Paired batches: D_f (the anchor, whole) with the ρ-subset of D_r cycled."""
+        return DataPlan((SplitSpec("forget", self.forget_batch_size),
+                         SplitSpec("retain", self.batch_size, select=self.retain_subset_of)), anchor="forget")
 
-    def select(self, name: str, indices: Tensor) -> Tensor:
-        """The seeded ρ-subset of D_r (round(ρ·|D_r|) indices, sorted); D_f whole."""
-        if name != "retain":
-            return indices
+    def retain_subset_of(self, indices: Tensor) -> Tensor:
+        """The seeded ρ-subset of D_r (round(ρ·|D_r|) indices, sorted)."""
         gen = torch.Generator().manual_seed(self.seed)
         keep = torch.randperm(len(indices), generator=gen)[: round(self.retain_fraction * len(indices))]
         self.retain_subset = indices[keep].sort().values

@@ -1,10 +1,12 @@
 """The unlearning stage: a LightningModule that owns the method; Lightning owns the loop.
 
-A method subclasses `UnlearningModule` and writes `unlearning_loss(batch)`, where `batch` maps
-the splits it declares in `batch_sizes` (e.g. {"forget": 32, "retain": 128}) to (x, y); the
-`anchor` split sets the epoch length and the others cycle. A one-shot method (no optimizer
-step) subclasses `OneShotModule` and writes `edit()`. Set-up work (masks, teachers, relabelling)
-goes in `on_train_start`, so the unlearning timer includes it.
+A method subclasses `UnlearningModule`, declares what it reads in `data_plan()` (one frozen
+`DataPlan`: the splits with their batch sizes, the anchor, the schedule; docs/design.md, Data plan)
+and writes `unlearning_loss(batch)`, where `batch` maps the served splits to (x, y). It reads
+anything else only through `self.data` (a `MethodData`), which refuses every split the plan does not
+declare. A one-shot method (no optimizer step) subclasses `OneShotModule` and writes `edit()`.
+Set-up work (masks, teachers, relabelling) goes in `on_train_start`, so the unlearning timer
+includes it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, MethodData
 from mu_runner.errors import ConfigError, DivergedError
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -41,8 +44,6 @@ class OriginalRecipe:
 class UnlearningModule(L.LightningModule):
     """Base of every method: optimizer from a partial, loss checked for NaN, `train/loss` logged."""
 
-    anchor: str = "retain"
-    schedule: str = "paired"  # paired: {split: batch} each step | sequential: whole passes (epoch_plan)
     from_scratch: bool = False  # True: the runner hands over a fresh network, not the original
     forget_kinds: tuple[str, ...] = ("classes", "random", "indices")  # the forget sets it can handle
     prep_seconds: float | None = None  # one-off set-up cost (`prepare`), reported apart from unlearn_seconds
@@ -76,19 +77,17 @@ class UnlearningModule(L.LightningModule):
         """Epochs before a stopping rule (callbacks.forget_target) may judge; 0: from the first check."""
         return 0
 
-    @property
-    def batch_sizes(self) -> dict[str, int]:
-        """Splits this method reads, with their batch sizes; the anchor comes first."""
-        return {self.anchor: self.batch_size}
+    def data_plan(self) -> DataPlan:
+        """Every split this method reads, with batch sizes for those it trains on (docs/design.md, Data plan).
 
-    def epoch_plan(self) -> list[str]:
-        """Sequential schedule: the splits to pass over this epoch, in order."""
-        return list(self.batch_sizes)
+        Called once per fit, when the stage's data is set up; the data module serves exactly this.
+        """
+        raise NotImplementedError(f"{self.name} declares no data plan (UnlearningModule.data_plan)")
 
     @property
-    def datamodule(self):
-        """The stage's data (splits, `batches(name)` for set-up passes, `split.classes`)."""
-        return self.trainer.datamodule
+    def data(self) -> MethodData:
+        """The stage's data as this method may read it: the splits of its plan, nothing else."""
+        return self.trainer.datamodule.method_data
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -108,13 +107,15 @@ class UnlearningModule(L.LightningModule):
         that `data.val_fraction=0` is refused up front (validate.py) instead of failing late."""
         return None
 
-    def prepare(self, cache, spec: dict, original: nn.Module, data, fit: Callable) -> None:
+    def prepare(self, cache, spec: dict, original: nn.Module, data: MethodData, fit: Callable) -> None:
         """One-off set-up shared by every forget set (e.g. weight filters trained on D_tr).
 
         The runner calls it before the unlearning timer starts: cache the artifact under `spec`
         (what determines the original) plus the method's own hyper-parameters, never the forget
-        set, and set `prep_seconds` / `prep_cached`. `fit(module, epochs)` trains a LightningModule
-        on the whole training pool (split `retain`) with the run's trainer. Default: nothing.
+        set, and set `prep_seconds` / `prep_cached`. `data` serves the plan's splits but no forget
+        set (forget and retain are refused); `fit(module, epochs)` trains a LightningModule on the
+        whole training pool (served to it as split `retain`, by its own plan) with the run's
+        trainer. Default: nothing.
         """
 
     def choices(self) -> dict:
@@ -129,11 +130,14 @@ class UnlearningModule(L.LightningModule):
         loss = self.unlearning_loss(batch)
         if loss is None:  # Lightning still calls optimizer.step, which moves no weight without gradients,
             self.skipped_steps += 1  # but counts it in global_step
+            if self._trainer is not None and self.trainer.world_size > 1:  # DDP refuses a skipped step: every
+                self.ddp_skip = True  # rank takes a zero loss and no weight moves (mu_runner.ddp.DdpSteps)
+                return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
             return None
         if not torch.isfinite(loss):  # before backward: a NaN never reaches the weights
             from mu_runner.callbacks.divergence import diverged
             raise diverged(self, f"loss = {loss.item()}", self.global_step + 1)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # DDP: the global batch's loss
         return loss
 
     def configure_optimizers(self):
@@ -150,6 +154,10 @@ class OneShotModule(UnlearningModule):
 
     def __init__(self, net: nn.Module, batch_size: int = 128, seed: int = 0) -> None:
         super().__init__(net, optimizer=None, epochs=1, batch_size=batch_size, seed=seed)
+
+    def data_plan(self) -> DataPlan:
+        """No batch is trained: a one-shot method declares only the splits `edit` reads (default: none)."""
+        return DataPlan()
 
     def edit(self) -> None:
         raise NotImplementedError

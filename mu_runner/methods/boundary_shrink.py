@@ -3,7 +3,7 @@
 Chen, Gao, Liu, Peng, Wang, "Boundary Unlearning: Rapid Forgetting of Deep Networks via Shifting
 the Decision Space", CVPR 2023, arXiv:2303.11570 (shrink variant).
 
-Only D_f is read. A frozen eval-mode copy of the original (the probe) finds, per forget batch,
+Only D_f is read (data plan: forget, paired with nothing). A frozen eval-mode copy of the original (the probe) finds, per forget batch,
 x' = clip_[0,1](x + ε·sign ∇_x CE(probe(x), y)) quantised to 1/255, and its nearest-but-incorrect
 label y_nbi = argmax probe(x'); the network then takes a step on CE(net(x), y_nbi) with the clean x.
 Deviation [design fix, docs/methods.md]: `mask_forget_classes: true` masks y and all forget classes out
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import batchnorm_eval, frozen_copy, nearest_wrong_labels
@@ -40,8 +41,6 @@ def fgsm(probe: nn.Module, x: Tensor, y: Tensor, epsilon: float) -> Tensor:
 class BoundaryShrink(UnlearningModule):
     """CE towards the probe's nearest wrong class of an FGSM neighbour, on D_f only."""
 
-    anchor = "forget"
-
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
                  epochs: int = 1, batch_size: int = 128, seed: int = 0, epsilon: float = 0.1,
                  mask_forget_classes: bool = True, bn_mode: str = "eval") -> None:
@@ -50,6 +49,9 @@ class BoundaryShrink(UnlearningModule):
             raise ConfigError(f"method.epsilon={epsilon}: the FGSM step in pixel space needs 0 < epsilon <= 1")
         self.epsilon, self.mask_forget_classes = float(epsilon), bool(mask_forget_classes)
         self.bn_mode = check_bn_mode(bn_mode)
+
+    def data_plan(self) -> DataPlan:
+        return DataPlan((SplitSpec("forget", self.batch_size),), anchor="forget")
 
     @property
     def probe(self) -> nn.Module:
@@ -69,7 +71,7 @@ class BoundaryShrink(UnlearningModule):
             logits = self.probe(adv).float()
         if not self.mask_forget_classes:
             return adv, logits.argmax(1)
-        return adv, nearest_wrong_labels(logits, y, self.datamodule.split.classes)
+        return adv, nearest_wrong_labels(logits, y, self.data.forget_classes)
 
     def unlearning_loss(self, batch: Batch) -> Tensor:
         x, y = batch["forget"]

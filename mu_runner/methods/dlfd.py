@@ -3,7 +3,8 @@
 Choi & Na, "Distribution-Level Feature Distancing for Machine Unlearning: Towards a Better
 Trade-off Between Model Utility and Forgetting", AAAI 2025, arXiv:2409.14747.
 
-One epoch over D_r (the forget loader cycles). While perturbing, each retain batch gets K signed
+One epoch over D_r (data plan: retain, the anchor, paired with forget batches that cycle; the
+validation images are read by the monitor). While perturbing, each retain batch gets K signed
 steps δ ← δ + a·sign ∇_δ J, J = w_f·OT(h(x_r + δ), h(x_f)) − w_r(t)·CE(f(x_r + δ), y_r), with w_r
 linear from w_r0 to w_r1 over the epoch; then one SGD step on CE(f(x*), y_r), x* = clip(x_r + δ).
 OT is log-domain Sinkhorn on the cost max(0, 1 − cos) (functional.sinkhorn_plan). D_f is only an
@@ -40,11 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import sinkhorn_plan
 from mu_runner.metrics import functional as MF
-from mu_runner.metrics.scoring import predict, stratified_subset
+from mu_runner.metrics.scoring import stratified_subset
 
 FEATURES = ("penultimate", "logits")
 FS_UNITS = ("absolute", "chance")
@@ -97,8 +99,6 @@ def pgd_delta(net: nn.Module, x: Tensor, y: Tensor, h_f: Tensor, w_f: float, w_r
 class DLFD(UnlearningModule):
     """CE on D_r perturbed away from D_f in feature space, while the forgetting score is high."""
 
-    anchor = "retain"
-
     @classmethod
     def validation_use(cls, method_cfg, forget_kind: str) -> str | None:
         return "monitors the forget score against validation images and restores the best-validation state"
@@ -139,9 +139,10 @@ class DLFD(UnlearningModule):
         self.monitor_every, self.monitor_samples, self.val_samples = int(monitor_every), int(monitor_samples), int(val_samples)
         self.sinkhorn = {"epsilon": float(sinkhorn_epsilon), "max_iter": int(sinkhorn_iters), "tol": float(sinkhorn_tol)}
 
-    @property
-    def batch_sizes(self) -> dict[str, int]:
-        return {"retain": self.batch_size, "forget": self.forget_batch_size}
+    def data_plan(self) -> DataPlan:
+        """Retain batches (the anchor) paired with cycled forget batches; D_val for the monitor."""
+        return DataPlan((SplitSpec("retain", self.batch_size), SplitSpec("forget", self.forget_batch_size),
+                         SplitSpec("val")), anchor="retain")
 
     def on_train_start(self) -> None:
         self.monitor_sets()
@@ -153,16 +154,15 @@ class DLFD(UnlearningModule):
 
     def monitor_sets(self) -> None:
         """Seeded, fixed subsets: D_f and its MIA non-members (D_val, class-matched), retained-class D_val."""
-        dm = self.datamodule
-        labels, val = dm.data.labels.cpu(), dm.indices("val").cpu()
-        forget = dm.split.forget.cpu()
+        data = self.data
+        val, forget = data.indices("val").cpu(), data.indices("forget").cpu()
         unseen, seen = val, val
-        if dm.split.classes is not None:
-            in_forget = torch.isin(labels[val], torch.tensor(dm.split.classes))
+        if data.forget_classes is not None:
+            in_forget = torch.isin(data.labels(val), torch.tensor(data.forget_classes))
             unseen, seen = val[in_forget], val[~in_forget]
 
         def subset(ids: Tensor, n: int) -> Tensor:
-            return ids[stratified_subset(labels[ids], n, self.seed)]
+            return ids[stratified_subset(data.labels(ids), n, self.seed)]
         self.sets = {"forget": subset(forget, self.monitor_samples), "unseen": subset(unseen, self.monitor_samples),
                      "val": subset(seen, self.val_samples)}
         n = min(len(self.sets["forget"]), len(self.sets["unseen"]))  # the MIA balances to this
@@ -176,15 +176,15 @@ class DLFD(UnlearningModule):
     def choices(self) -> dict:
         """The rule's thresholds (FS on its own scale), steps perturbed, the state kept (metrics.json)."""
         threshold, fs_max = self.fs_limits
-        rule = ({"acc_threshold": self.acc_threshold} if self.datamodule.split.classes is not None
+        rule = ({"acc_threshold": self.acc_threshold} if self.data.forget_classes is not None
                 else {"fs_threshold": threshold, "fs_max": fs_max})
         return {**rule, "perturbed_steps": self.perturbed_steps, "selected_step": self.selected_step}
 
     def monitor(self) -> dict:
         """FS, forget and validation accuracy of the current weights; updates `perturbing` and the best state."""
-        data, labels, classwise = self.datamodule.data, self.datamodule.data.labels.cpu(), self.datamodule.split.classes
-        probs = {k: predict(self.net, data.images, ids) for k, ids in self.sets.items()}  # eval mode, restored
-        y = {k: labels[ids] for k, ids in self.sets.items()}
+        data, classwise = self.data, self.data.forget_classes
+        probs = {k: data.predict(self.net, ids) for k, ids in self.sets.items()}  # eval mode, restored
+        y = {k: data.labels(ids) for k, ids in self.sets.items()}
         mia = MF.mia_loss_acc(MF.per_sample_loss(probs["forget"], y["forget"]),
                               MF.per_sample_loss(probs["unseen"], y["unseen"]), self.seed)
         fs = 0.5 if mia is None else MF.forget_score(mia)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.methods.base import Batch, UnlearningModule
 
 
 class Finetune(UnlearningModule):
     """E epochs of cross-entropy on D_r from the original weights; D_f is never read."""
 
-    anchor = "retain"
+    def data_plan(self) -> DataPlan:
+        return DataPlan((SplitSpec("retain", self.batch_size),), anchor="retain")
 
     def unlearning_loss(self, batch: Batch) -> Tensor:
         x, y = batch["retain"]

@@ -3,7 +3,8 @@
 Thudi, Deza, Chandrasekaran, Papernot, "Unrolling SGD: Understanding Factors Influencing Machine
 Unlearning", IEEE EuroS&P 2022, arXiv:2109.13398 (the GA baseline of SalUn, arXiv:2310.12508).
 
-Only D_f is read. The objective is unbounded and on digits no fixed (lr, epochs) forgets every class
+Only D_f is trained on (data plan: forget; plus the validation images, read only for the sample
+forgetting target below, when `stop_forget_acc` is set). The objective is unbounded and on digits no fixed (lr, epochs) forgets every class
 without wrecking others (validation, classes 4/5/8: lr 4e-4 × 2 epochs left class 5 at 0.54 on D_f
 while costing class 4's run 22 points; lr 3e-4 × 3 epochs forgot all three at 10-63 points), so
 `stop_forget_acc` [design] ends the run at the first step where the forget accuracy — scored on the
@@ -24,12 +25,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import batchnorm_eval, negative_cross_entropy
-from mu_runner.metrics.scoring import accuracy_on
 
 BN_MODES = ("eval", "train")
 
@@ -42,8 +44,6 @@ def check_bn_mode(bn_mode: str) -> str:
 
 class GradAscent(UnlearningModule):
     """E epochs of −CE over D_f from the original weights; D_r is never read."""
-
-    anchor = "forget"
 
     @classmethod
     def validation_use(cls, method_cfg, forget_kind: str) -> str | None:
@@ -64,9 +64,14 @@ class GradAscent(UnlearningModule):
         self._window = [0, 0]  # correct, seen: forget predictions since the last decision
         self.target: float | None = self.stop_forget_acc  # samples: the original's validation accuracy
 
+    def data_plan(self) -> DataPlan:
+        """D_f in batches; with the stopping rule also D_val (read for sample forgetting only)."""
+        val = (SplitSpec("val"),) if self.stop_forget_acc is not None else ()
+        return DataPlan((SplitSpec("forget", self.batch_size), *val), anchor="forget")
+
     def on_train_start(self) -> None:
-        if self.stop_forget_acc is not None and self.datamodule.split.classes is None:
-            self.target = accuracy_on(self.net, self.datamodule.data, self.datamodule.data.val)
+        if self.stop_forget_acc is not None and self.data.forget_classes is None:
+            self.target = self.data.accuracy(self.net, self.data.indices("val"))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning puts the whole model in train mode at every epoch start: undo it for BN here.
@@ -83,7 +88,14 @@ class GradAscent(UnlearningModule):
         return negative_cross_entropy(logits, y)
 
     def forgotten(self, correct: int, seen: int) -> bool:
-        """The stopping rule, decided once at least `batch_size` forget predictions are pooled."""
+        """The stopping rule, decided once at least `batch_size` forget predictions are pooled.
+
+        Under DDP the counts are summed over the ranks first (`batch_size` is the global batch): every
+        rank decides the same, at the step a single process would.
+        """
+        if self._trainer is not None and self.trainer.world_size > 1:
+            both = self.trainer.strategy.reduce(torch.tensor([correct, seen], device=self.device), reduce_op="sum")
+            correct, seen = (int(v) for v in both.tolist())
         self._window = [self._window[0] + correct, self._window[1] + seen]
         if self._window[1] < self.batch_size:
             return False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import l1_norm
@@ -24,8 +25,6 @@ from mu_runner.methods.functional import l1_norm
 
 class L1Sparse(UnlearningModule):
     """Finetune on D_r plus γ_e·‖θ‖₁ with a linearly decaying γ_e; D_f is never read."""
-
-    anchor = "retain"
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, epochs: int = 10, batch_size: int = 256,
@@ -37,6 +36,9 @@ class L1Sparse(UnlearningModule):
             raise ConfigError(f"method.no_l1_epochs={no_l1_epochs}: "
                               f"allowed 0..method.epochs ({self.epochs})")
         self.gamma0, self.no_l1_epochs = float(gamma0), int(no_l1_epochs)
+
+    def data_plan(self) -> DataPlan:
+        return DataPlan((SplitSpec("retain", self.batch_size),), anchor="retain")
 
     def gamma_at(self, epoch: int) -> float:
         """γ_e = γ₀·(1 − e/(E − E₀)) for e < E − E₀, else 0; γ₀ in every epoch when E₀ = E (the authors')."""

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.errors import CheckpointError, ConfigError
 from mu_runner.methods.base import OneShotModule, OriginalRecipe
 from mu_runner.methods.functional import Candidate, walk_grid
@@ -103,7 +104,6 @@ class CodeMixedTraining(SupervisedTraining):
 class Mnemonic(OneShotModule):
     """θ ± α_l·η^l with η the forget/retain Fisher ratio of the class codes; no data, no step."""
 
-    anchor = "forget"  # no batch is trained; a `selection: val` pass reads D_val in `edit`
     network_check = False  # its constructor needs the trained original's codes
 
     @classmethod
@@ -155,6 +155,10 @@ class Mnemonic(OneShotModule):
             seconds = net.artifacts.get("train_seconds")  # training the code-mixed original, once
             self.prep_seconds, self.prep_cached = (None, None) if seconds is None else (float(seconds), True)
 
+    def data_plan(self) -> DataPlan:
+        """No batch is trained: `selection: val` reads validation images in `edit`, `codes` no split."""
+        return DataPlan((SplitSpec("val"),) if self.selection == "val" else ())
+
     @classmethod
     def original_recipe(cls, method_cfg) -> OriginalRecipe:
         t_mix, seed = float(method_cfg.get("t_mix", 0.05)), int(method_cfg.get("seed", 0))
@@ -162,7 +166,7 @@ class Mnemonic(OneShotModule):
                               training=functools.partial(CodeMixedTraining, t_mix=t_mix, code_seed=seed))
 
     def edit(self) -> None:
-        forget = list(self.datamodule.split.classes)
+        forget = list(self.data.forget_classes)
         was_training = self.net.training
         self.net.eval()  # scoring passes: BN uses and keeps its running statistics
         try:
@@ -213,9 +217,10 @@ class Mnemonic(OneShotModule):
         """Codes with their labels (data-free), or `val_per_class` seeded validation images per class."""
         if self.selection == "codes":
             return self.codes, torch.arange(len(self.codes), device=self.codes.device)
-        data = self.datamodule.data
-        val = data.val[torch.randperm(len(data.val), generator=torch.Generator().manual_seed(self.seed))]
-        labels = data.labels.cpu()[val]
+        data = self.data
+        val = data.indices("val")
+        val = val[torch.randperm(len(val), generator=torch.Generator().manual_seed(self.seed))]
+        labels = data.labels(val)
         chosen = torch.cat([val[labels == c][: self.val_per_class] for c in labels.unique().tolist()])
         batches = list(data.loader(chosen.sort().values, self.batch_size))
         return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])

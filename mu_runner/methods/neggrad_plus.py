@@ -6,8 +6,8 @@ NeurIPS 2023, arXiv:2302.09880 (introduces NegGrad+).
 Per step, a retain batch (the anchor: one pass over D_r per epoch) is paired with a cycled forget
 batch and L = β·CE(x_r, y_r) − (1−β)·CE(x_f, y_f). Design choices: a term whose weight is 0 is not
 computed at all (no forward, so no BatchNorm statistics move for it): β = 1 is then exactly
-`finetune` and β = 0 exactly `grad_ascent`. "retain" comes first in `batch_sizes`, so its loader
-has the same seed, hence the same order, as finetune's. `bn_mode` is explicit (default `train`;
+`finetune` and β = 0 exactly `grad_ascent`. "retain" comes first in the data plan (paired batches,
+retain the anchor), so its loader has the same seed, hence the same order, as finetune's. `bn_mode` is explicit (default `train`;
 the DeepUnlearn port trains in eval mode, which is `bn_mode: eval` here).
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import batchnorm_eval, negative_cross_entropy
@@ -26,8 +27,6 @@ from mu_runner.methods.grad_ascent import check_bn_mode
 
 class NegGradPlus(UnlearningModule):
     """β·CE on D_r − (1−β)·CE on D_f, one pass over D_r per epoch with D_f cycled."""
-
-    anchor = "retain"
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, epochs: int = 10, batch_size: int = 256,
@@ -42,10 +41,10 @@ class NegGradPlus(UnlearningModule):
         self.beta, self.bn_mode = float(beta), check_bn_mode(bn_mode)
         self.forget_batch_size = int(forget_batch_size or batch_size)
 
-    @property
-    def batch_sizes(self) -> dict[str, int]:
+    def data_plan(self) -> DataPlan:
         # retain first: its loader seed (seed + position) and so its order equal finetune's
-        return {"retain": self.batch_size, "forget": self.forget_batch_size}
+        return DataPlan((SplitSpec("retain", self.batch_size), SplitSpec("forget", self.forget_batch_size)),
+                        anchor="retain")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.bn_mode == "eval":

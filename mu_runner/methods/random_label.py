@@ -8,10 +8,12 @@ arXiv:2303.11570); `freeze` follows Liao & Lin's selective layer-wise freezing.
 Each forget sample gets one new label y' ∈ A(y) (C_R class-wise, else every class but y) in
 `on_train_start`: `random_other` draws it from a generator seeded by `seed` (SalUn's `randint(0, K)`
 may return y itself), `nearest_wrong` takes θ_o's highest-scoring allowed class (eval mode, no
-augmentation). Schedules: `mixed` pairs each retain batch (anchor) with a cycled relabelled forget
-batch in one forward, L = CE(forget') + CE(retain) [design; deviation: the specification's "shuffle
+augmentation). Schedules (`schedule:` in the yaml -> the data plan's `Schedule`): `mixed` ->
+PAIRED, each retain batch (the anchor) paired with a cycled relabelled forget batch of the same
+size in one forward, L = CE(forget') + CE(retain) [design; deviation: the specification's "shuffle
 D_f' ∪ D_r" sees each forget sample once per epoch, here D_f is cycled along a pass over D_r];
-`sequential` is one pass over D_f', then one over D_r, per epoch (SalUn's CIFAR-10 code).
+`sequential` -> SEQUENTIAL, one pass over D_f', then one over D_r, per epoch (SalUn's CIFAR-10
+code). The relabelled targets reach the forget loader through the plan (`SplitSpec.targets`).
 `target_counts` holds the per-class count of the new labels (also logged).
 """
 
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, Schedule, SplitSpec, every_epoch
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import (
@@ -37,13 +40,11 @@ from mu_runner.metrics.scoring import scoring
 
 log = logging.getLogger("mu_runner")
 RELABEL = ("random_other", "nearest_wrong")
-SCHEDULES = {"mixed": "paired", "sequential": "sequential"}  # config name -> StageData's
+SCHEDULES = {"mixed": Schedule.PAIRED, "sequential": Schedule.SEQUENTIAL}  # the yaml's name -> the data plan's
 
 
 class RandomLabel(UnlearningModule):
     """CE on D_f with fixed wrong labels plus CE on D_r; with `freeze`, only `trainable` learns."""
-
-    anchor = "retain"
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, epochs: int = 10,
@@ -66,31 +67,29 @@ class RandomLabel(UnlearningModule):
         """`name` is inside `net.body`; trainable entries are module-name prefixes there."""
         return any(under(name, p) for p in self.trainable)
 
-    @property
-    def batch_sizes(self) -> dict[str, int]:
-        return {"retain": self.batch_size, "forget": self.batch_size}
+    def data_plan(self) -> DataPlan:
+        """D_r and the relabelled D_f: paired (retain the anchor) or a pass over each per epoch."""
+        splits = (SplitSpec("retain", self.batch_size), SplitSpec("forget", self.batch_size, targets=self.forget_targets))
+        if self.schedule is Schedule.SEQUENTIAL:
+            return DataPlan(splits, schedule=Schedule.SEQUENTIAL, epoch_plan=every_epoch("forget", "retain"))
+        return DataPlan(splits, anchor="retain")
 
-    def epoch_plan(self) -> list[str]:
-        return ["forget", "retain"]
-
-    def targets(self, name: str) -> Tensor | None:
-        """New labels of the forget split, aligned with `datamodule.indices("forget")`."""
-        if name != "forget":
-            return None
+    def forget_targets(self) -> Tensor:
+        """New labels of the forget split, aligned with `data.indices("forget")`."""
         if self.new_labels is None:
             raise RuntimeError("random_label: forget targets read before on_train_start set them")
         return self.new_labels
 
     def on_train_start(self) -> None:
-        dm = self.datamodule
-        classes, k = dm.split.classes, dm.data.num_classes
-        labels = dm.data.labels.cpu()[dm.indices("forget").cpu()]
+        data = self.data
+        classes, k = data.forget_classes, data.num_classes
+        labels = data.labels(data.indices("forget"))
         if self.relabel == "random_other":
             gen = torch.Generator().manual_seed(self.seed)
             new = random_other_labels(labels, k, classes, gen)
         else:
             with scoring(self.net):  # θ_o, eval mode, fp32, fixed order, no augmentation
-                logits = torch.cat([self.net(x).float().cpu() for x, _ in dm.batches("forget")])
+                logits = torch.cat([self.net(x).float().cpu() for x, _ in data.batches("forget")])
             new = nearest_wrong_labels(logits, labels, classes)
         self.new_labels = new.cpu()
         self.target_counts = torch.bincount(self.new_labels, minlength=k)

@@ -11,9 +11,10 @@ ones. On digits (8×8, ResNet-18: layer4 runs on 1×1 maps, 8 of 9 taps of each 
 padding) 67 % of s are exactly 0, so ratio 0.5 masks 33 %; the fraction masked and the fraction tied
 at the threshold are `method_choices` (`mask_fraction`, `mask_ties`), and a warning is logged when
 more than half are tied. Loss: CE(x_f, y'), y' fixed, ≠ y and class-wise in C_R, + α·CE(x_r, y_r).
-`sequential` (CIFAR-10 code): per epoch a pass over D_f, then over D_r. `mixed` (CIFAR-100 code
-mixes D_f' into D_r) [design]: paired batches, the forget batch ⌈B·|D_f|/|D_r|⌉ (D_f once per
-epoch), one forward over both so that BN never sees a forget-only batch (that cost 20 points of val accuracy on digits). Masked-out weights stay θ_o
+`schedule:` in the yaml -> the data plan's `Schedule`: `sequential` -> SEQUENTIAL (CIFAR-10 code):
+per epoch a pass over D_f, then over D_r. `mixed` -> PAIRED (CIFAR-100 code mixes D_f' into D_r)
+[design]: retain batches (the anchor) paired with forget batches of ⌈B·|D_f|/|D_r|⌉ (`share_of`:
+D_f once per epoch), one forward over both so that BN never sees a forget-only batch (that cost 20 points of val accuracy on digits). Masked-out weights stay θ_o
 exactly: weight decay and momentum move weights whose gradient is zero, so after every step
 θ ← m⊙θ + (1−m)⊙θ_o and optimizer-state tensors (momentum, Adam moments) are zeroed where m = 0.
 BN running statistics are buffers and move in train mode, as in the authors' code.
@@ -22,12 +23,12 @@ BN running statistics are buffers and move in train mode, as in the authors' cod
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, Schedule, SplitSpec, every_epoch
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import (
@@ -40,13 +41,11 @@ from mu_runner.methods.functional import (
 
 log = logging.getLogger("mu_runner")
 
-SCHEDULES = ("sequential", "mixed")
+SCHEDULES = {"sequential": Schedule.SEQUENTIAL, "mixed": Schedule.PAIRED}  # the yaml's name -> the data plan's
 
 
 class SalUn(UnlearningModule):
     """Random labels on D_f plus α·CE on D_r, updating only the salient fraction of the weights."""
-
-    anchor = "retain"
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
                  epochs: int = 2, batch_size: int = 128, seed: int = 0, mask_ratio: float = 0.5,
@@ -61,36 +60,35 @@ class SalUn(UnlearningModule):
         if schedule not in SCHEDULES:
             raise ConfigError(f"method.schedule={schedule!r}: allowed {', '.join(SCHEDULES)}")
         self.mask_ratio, self.retain_weight = float(mask_ratio), float(retain_weight)
-        self.schedule = schedule  # the datamodule serves whole passes only for "sequential"
+        self.schedule = SCHEDULES[schedule]
         self.mask: dict[str, Tensor] = {}  # name -> bool, True where the weight may change
         self.start: dict[str, Tensor] = {}  # θ_o, where every masked-out weight must stay
         self.forget_targets: Tensor | None = None
         self.mask_fraction: float | None = None  # fraction of all weights the mask lets change
         self.mask_ties: float | None = None  # fraction of all saliencies equal to the threshold value
 
-    @property
-    def batch_sizes(self) -> dict[str, int]:
-        if self.schedule == "sequential":
-            return {"retain": self.batch_size, "forget": self.batch_size}
+    def data_plan(self) -> DataPlan:
+        """D_r and the relabelled D_f: a pass over each per epoch, or paired with proportional forget batches."""
+        retain = SplitSpec("retain", self.batch_size)
+        if self.schedule is Schedule.SEQUENTIAL:
+            forget = SplitSpec("forget", self.batch_size, targets=self.relabelled)
+            return DataPlan((retain, forget), schedule=Schedule.SEQUENTIAL, epoch_plan=every_epoch("forget", "retain"))
         # mixed: one pass over D_r per epoch and, with proportional forget batches, one over D_f
-        n_f, n_r = (len(self.datamodule.indices(s)) for s in ("forget", "retain"))
-        return {"retain": self.batch_size, "forget": max(1, math.ceil(self.batch_size * n_f / max(n_r, 1)))}
+        forget = SplitSpec("forget", self.batch_size, share_of="retain", targets=self.relabelled)
+        return DataPlan((retain, forget), anchor="retain")
 
-    def epoch_plan(self) -> list[str]:
-        return ["forget", "retain"]
-
-    def targets(self, name: str) -> Tensor | None:
-        """Fixed relabelled targets of the forget split (aligned with its indices); None otherwise."""
-        return self.forget_targets if name == "forget" else None
+    def relabelled(self) -> Tensor | None:
+        """Fixed relabelled targets of the forget split (aligned with its indices)."""
+        return self.forget_targets
 
     def on_train_start(self) -> None:
-        dm = self.datamodule
-        grads = forget_gradients(self.net, dm.batches("forget"))  # θ_o, eval mode, no optimizer
+        data = self.data
+        grads = forget_gradients(self.net, data.batches("forget"))  # θ_o, eval mode, no optimizer
         self.mask = self.saliency_mask({n: g.abs() for n, g in grads.items()})
         self.start = {n: p.detach().clone() for n, p in self.net.named_parameters() if n in self.mask}
-        labels = dm.data.labels[dm.indices("forget").to(dm.data.labels.device)]
+        labels = data.labels(data.indices("forget"))
         gen = torch.Generator().manual_seed(self.seed)
-        self.forget_targets = random_other_labels(labels, dm.data.num_classes, dm.split.classes, gen).cpu()
+        self.forget_targets = random_other_labels(labels, data.num_classes, data.forget_classes, gen).cpu()
 
     def saliency_mask(self, saliency: dict[str, Tensor]) -> dict[str, Tensor]:
         """True on the top `mask_ratio` of the saliencies, only positive ones, ties broken under `seed`."""

@@ -7,7 +7,8 @@ licensed for non-commercial use only; nothing is copied from it).
 Teacher T = frozen eval copy of θ_o; student S = the trained network (θ_o at the start);
 d(x) = τ²·KL(softmax(z_T/τ) ‖ softmax(z_S/τ)), batch mean. Epoch e (0-based) is one *max* pass over
 D_f minimising −d(x_f) while e < M (`max_steps`), then one *min* pass over D_r minimising
-α·d(x_r) + γ·CE(z_S(x_r), y_r). lr ×0.1 at `lr_decay_epochs` is the yaml's MultiStepLR.
+α·d(x_r) + γ·CE(z_S(x_r), y_r) (data plan: Schedule.SEQUENTIAL, `epoch_plan` the passes of
+epoch e). lr ×0.1 at `lr_decay_epochs` is the yaml's MultiStepLR.
 Bugs of public code avoided (docs/methods.md): the optimizer holds the student's parameters (base
 class); exactly M max passes, not M+1; `forget_batch_size` is honoured. With M = 0 the forget
 split is not even declared, so M = 0, α = 0, γ = 1 is `finetune` step for step.
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, Schedule, SplitSpec
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import frozen_copy
@@ -36,9 +38,6 @@ def distill_kl(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
 class Scrub(UnlearningModule):
     """Max passes over the forget set (first `max_steps` epochs), a min pass over the retain set."""
 
-    anchor = "retain"
-    schedule = "sequential"
-
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory, scheduler: SchedulerFactory | None = None,
                  epochs: int = 3, batch_size: int = 128, seed: int = 0, forget_batch_size: int = 32,
                  max_steps: int = 1, temperature: float = 2.0, alpha: float = 0.5, gamma: float = 1.0) -> None:
@@ -52,16 +51,15 @@ class Scrub(UnlearningModule):
         self.forget_batch_size, self.max_steps = int(forget_batch_size), int(max_steps)
         self.temperature, self.alpha, self.gamma = float(temperature), float(alpha), float(gamma)
 
-    @property
-    def batch_sizes(self) -> dict[str, int]:
+    def data_plan(self) -> DataPlan:
         # retain first: its loader gets seed + 0, the same shuffle as finetune's
-        sizes = {"retain": self.batch_size}
-        if self.max_steps > 0:
-            sizes["forget"] = self.forget_batch_size
-        return sizes
+        forget = (SplitSpec("forget", self.forget_batch_size),) if self.max_steps > 0 else ()
+        return DataPlan((SplitSpec("retain", self.batch_size), *forget), schedule=Schedule.SEQUENTIAL,
+                        epoch_plan=self.passes)
 
-    def epoch_plan(self) -> list[str]:
-        return ["forget", "retain"] if self.current_epoch < self.max_steps else ["retain"]
+    def passes(self, epoch: int) -> tuple[str, ...]:
+        """A max pass over D_f then a min pass over D_r in the first M epochs, the min pass alone after."""
+        return ("forget", "retain") if epoch < self.max_steps else ("retain",)
 
     @property
     def teacher(self) -> nn.Module:

@@ -18,7 +18,8 @@ ICCV 2017, arXiv:1610.02391) through the `grad-cam` package.
 3. Repair (`repair_epochs`): CE on the retain subset only; the optimizer's lr becomes `repair_lr` and
    its state is cleared (a fresh Adam, as in the notebook).
 The retain subset is `retain_per_class` seeded samples per class of D_r (capped by what each class
-has); it holds no forget-class sample since D_r holds none.
+has); it holds no forget-class sample since D_r holds none. Data plan: the retain subset in batches
+(`select`); D_f read in set-up only (the noise's classes, `gaussian_on_forget`, the views).
 
 Sample forgetting (forget=random|indices, C_F = ∅) [design]: the noise is made for every class that
 occurs among the forget samples, each labelled with its own class, and the retain subset is drawn
@@ -47,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import frozen_copy, random_other_labels
@@ -108,8 +110,6 @@ def gradcam(net: nn.Module, layer: str, x: Tensor, classes: Tensor) -> Tensor:
 class SNU(UnlearningModule):
     """Impair with class-labelled error-maximising noise plus a retain subset, then repair."""
 
-    anchor = "retain"
-
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory,
                  scheduler: SchedulerFactory | None = None, batch_size: int = 256, seed: int = 0,
                  noise_mode: str = "error_max", noise_batch: int = 256, copies: int = 4,
@@ -148,12 +148,15 @@ class SNU(UnlearningModule):
         self.cams: dict[str, dict[str, dict[str, Tensor]]] = {}  # when -> group -> true|pred|label
 
     # -- data --------------------------------------------------------------------------------------
-    def select(self, name: str, indices: Tensor) -> Tensor:
+    def data_plan(self) -> DataPlan:
+        """Batches of the retain subset; D_f read in set-up only."""
+        return DataPlan((SplitSpec("retain", self.batch_size, select=self.retain_subset_of), SplitSpec("forget")),
+                        anchor="retain")
+
+    def retain_subset_of(self, indices: Tensor) -> Tensor:
         """The retain subset: `retain_per_class` seeded samples of each class of D_r (sorted)."""
-        if name != "retain":
-            return indices
         indices = indices.cpu()
-        labels = self.datamodule.data.labels.cpu()[indices]
+        labels = self.data.labels(indices)
         gen = torch.Generator().manual_seed(self.seed)
         keep = []
         for c in labels.unique().tolist():
@@ -164,25 +167,24 @@ class SNU(UnlearningModule):
 
     def noise_classes(self) -> list[int]:
         """C_F; for sample forgetting, every class among the forget samples."""
-        dm = self.datamodule
-        forget = dm.indices("forget").to(dm.data.device)
-        return dm.split.classes or dm.data.labels[forget].unique().tolist()
+        data = self.data
+        return data.forget_classes or data.labels(data.indices("forget")).unique().tolist()
 
     def on_train_start(self) -> None:
-        dm = self.datamodule
+        data = self.data
         if self.noise_mode == "error_max":
             noise, labels = error_maximising_noise(
-                self.net, self.noise_classes(), self.noise_batch, tuple(dm.data.images.shape[1:]),
+                self.net, self.noise_classes(), self.noise_batch, data.image_shape,
                 self.noise_steps, self.noise_lr, self.noise_l2, self.seed)
             self.noise = noise.repeat(self.copies, 1, 1, 1)  # copy j of N_c keeps N_c's label c
             self.noise_labels = labels.repeat(self.copies)
         else:
-            x, y = (torch.cat(t) for t in zip(*dm.batches("forget"), strict=False))
+            x, y = (torch.cat(t) for t in zip(*data.batches("forget"), strict=False))
             gen = torch.Generator().manual_seed(self.seed)
             x, y = x.repeat(self.copies, 1, 1, 1), y.repeat(self.copies)
             eps = torch.randn(x.shape, generator=gen).to(x.device)
             self.noise = (x + self.noise_sigma * eps).clamp(0, 1)
-            self.noise_labels = random_other_labels(y, dm.data.num_classes, dm.split.classes, gen)
+            self.noise_labels = random_other_labels(y, data.num_classes, data.forget_classes, gen)
 
     def on_train_epoch_start(self) -> None:
         if self.current_epoch < self.impair_epochs:  # a fresh shuffle of the noise pool per epoch
@@ -229,13 +231,11 @@ class SNU(UnlearningModule):
     def on_fit_start(self) -> None:
         if self.gradcam_samples == 0:
             return
-        dm = self.datamodule
-        labels = dm.data.labels.cpu()
+        data = self.data
         for group in ("forget", "retain"):
-            idx = dm.indices(group).cpu()
-            idx = idx[stratified_subset(labels[idx], self.gradcam_samples, self.seed)]
-            images = dm.data.images[idx.to(dm.data.device)].float().div(255).cpu()
-            self.views[group] = (images, labels[idx])
+            idx = data.indices(group).cpu()
+            idx = idx[stratified_subset(data.labels(idx), self.gradcam_samples, self.seed)]
+            self.views[group] = (data.images(idx).cpu(), data.labels(idx))
         try:
             self._layer = self.target_layer()
             self.cams["before"] = self.gradcam_views(self.net)

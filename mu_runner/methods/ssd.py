@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import OneShotModule
 from mu_runner.methods.functional import Candidate, walk_grid
-from mu_runner.metrics.scoring import accuracy_on
 
 
 def importances(net: nn.Module, batches) -> dict[str, Tensor]:
@@ -59,8 +59,6 @@ def importances(net: nn.Module, batches) -> dict[str, Tensor]:
 
 class SSD(OneShotModule):
     """Selective Synaptic Dampening: θ_i ← min(λ·I_D/I_f, 1)·θ_i where I_f > α·I_D."""
-
-    anchor = "forget"  # no batch is trained; the splits are read by fixed-order passes in `edit`
 
     def __init__(self, net: nn.Module, alpha: float = 10.0, dampening: float = 1.0,
                  batch_size: int = 128, seed: int = 0, alpha_grid: list[float] | None = None,
@@ -84,17 +82,17 @@ class SSD(OneShotModule):
         self.alpha, self.dampening = alpha, dampening
         self.selected: dict[str, Tensor] = {}  # name -> bool mask of S, for inspection
 
-    @property
-    def batch_sizes(self) -> dict[str, int]:
-        """The splits SSD reads (D_f and D_tr = D_f ∪ D_r)."""
-        return {"forget": self.batch_size, "train": self.batch_size}
+    def data_plan(self) -> DataPlan:
+        """No batch is trained: `edit` passes over D_f and D_tr = D_f ∪ D_r, and the α walk reads D_val."""
+        val = (SplitSpec("val"),) if self.grid is not None else ()
+        return DataPlan((SplitSpec("forget"), SplitSpec("train"), *val))
 
     def edit(self) -> None:
         was_training = self.net.training
         self.net.eval()  # scoring passes: BN uses its running statistics and does not update them
         try:
-            self.imp_d = importances(self.net, self.datamodule.batches("train", self.batch_size))
-            self.imp_f = importances(self.net, self.datamodule.batches("forget", self.batch_size))
+            self.imp_d = importances(self.net, self.data.batches("train", self.batch_size))
+            self.imp_f = importances(self.net, self.data.batches("forget", self.batch_size))
             self.start = {n: p.detach().clone() for n, p in self.net.named_parameters() if n in self.imp_d}
             if self.grid is not None:
                 self.alpha = self.walk()
@@ -124,15 +122,15 @@ class SSD(OneShotModule):
 
     def walk(self) -> float:
         """α chosen on the selection set (module docstring); `edit` then dampens from the original weights."""
-        data, classes = self.datamodule.data, self.datamodule.split.classes
-        forget = self.datamodule.split.forget
-        val, val_labels = data.val, data.labels[data.val].cpu()
+        data, classes = self.data, self.data.forget_classes
+        forget, val = data.indices("forget"), data.indices("val")
+        val_labels = data.labels(val)
         if classes:
             in_forget = torch.isin(val_labels, torch.tensor(classes))
             forget, val = torch.cat([forget, val[in_forget]]), val[~in_forget]
 
         def scores(value: float) -> Candidate:
-            forget_acc, retain_acc = accuracy_on(self.net, data, forget), accuracy_on(self.net, data, val)
+            forget_acc, retain_acc = data.accuracy(self.net, forget), data.accuracy(self.net, val)
             if classes:
                 return Candidate(value, 0, retain_acc + 1 - forget_acc, forget_acc, retain_acc,
                                  forget_acc <= self.forget_tolerance)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OneShotModule, UnlearningModule
 from mu_runner.methods.functional import frozen_copy
@@ -86,14 +87,15 @@ class FilterNet(nn.Module):
 class FilterTraining(UnlearningModule):
     """Trains all K rows of a FilterNet at once on the training pool (served as split `retain`)."""
 
-    anchor = "retain"
-
     def __init__(self, filt: FilterNet, lr: float, betas: tuple[float, float], epochs: int, batch_size: int,
                  seed: int, rows_per_sample: int, weights: tuple[float, float, float]) -> None:
         cosine = partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs)  # per epoch
         super().__init__(filt, partial(torch.optim.Adam, lr=lr, betas=betas), cosine, epochs, batch_size, seed)
         self.rows_per_sample, self.weights = rows_per_sample, weights
         self.gen = torch.Generator().manual_seed(seed)
+
+    def data_plan(self) -> DataPlan:
+        return DataPlan((SplitSpec("retain", self.batch_size),), anchor="retain")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.net.net.eval()  # θ_o frozen: BN uses (and keeps) its running statistics
@@ -121,7 +123,6 @@ class FilterTraining(UnlearningModule):
 class WeightFilter(OneShotModule):
     """Forget the classes of the split by activating their (product of) filter rows."""
 
-    anchor = "forget"  # nothing is read: the loader exists only because Lightning asks for one
     forget_kinds = ("classes",)
 
     def __init__(self, net: nn.Module, epochs: int = 5, batch_size: int = 128, lr: float = 1e-3,
@@ -166,7 +167,7 @@ class WeightFilter(OneShotModule):
     def edit(self) -> None:
         if self.filter is None:
             raise RuntimeError("WeightFilter: call prepare() before fitting (mu_runner.run.build does)")
-        self.switch(self.datamodule.split.classes)
+        self.switch(self.data.forget_classes)
 
     @torch.no_grad()
     def switch(self, classes: list[int] | None) -> None:

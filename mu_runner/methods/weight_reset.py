@@ -15,7 +15,8 @@ abstracts only, so the procedure below is [design], per docs/methods.md, weight_
    redraws them from each module's default initialiser (`reset_parameters`, seeded) and trains them.
 4. `recalibrate_bn`: one no-grad pass over D_r (un-augmented, cumulative average) refreshes the
    BatchNorm running statistics, which are stale after a reset.
-5. Repair: `epochs` of CE on D_r (0: no optimizer step at all); `freeze` as in random_label
+5. Repair: `epochs` of CE on D_r (0: no optimizer step at all; data plan: retain in batches, D_f
+   read by the gradient scores only); `freeze` as in random_label
    keeps everything outside `trainable` (and its BatchNorm statistics) fixed.
 `ratio_per_class` (null by default) makes the reset proportional to the number k of forget classes:
 ⌊k·r·N⌋ weights, as the paper's "proportional to the number of removed classes" reading needs.
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mu_runner.data.plan import DataPlan, SplitSpec
 from mu_runner.errors import ConfigError
 from mu_runner.methods.base import Batch, OptimizerFactory, SchedulerFactory, UnlearningModule
 from mu_runner.methods.functional import (
@@ -95,7 +97,6 @@ def recalibrate_batchnorm(net: nn.Module, batches) -> None:
 class WeightReset(UnlearningModule):
     """Reset (prune or re-initialise) the forget-salient weights, then an optional repair on D_r."""
 
-    anchor = "retain"
     min_epochs = 0  # epochs are repair epochs: 0 resets only
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory | None = None,
@@ -132,6 +133,11 @@ class WeightReset(UnlearningModule):
         if scope == "layers" and net is not None:
             check_modules(net, self.layers, "method.layers")
 
+    def data_plan(self) -> DataPlan:
+        """Retain batches for the repair; D_f for the gradient scores (`magnitude` reads none)."""
+        forget = (SplitSpec("forget"),) if self.score != "magnitude" else ()
+        return DataPlan((SplitSpec("retain", self.batch_size), *forget), anchor="retain")
+
     def configure_optimizers(self):
         return super().configure_optimizers() if self.repair_epochs > 0 else None
 
@@ -142,19 +148,19 @@ class WeightReset(UnlearningModule):
         params = dict(self.net.named_parameters())
         if self.score == "magnitude":
             return {n: params[n].detach().abs() for n in names}
-        dm = self.datamodule
+        data = self.data
         frozen = [p for p in self.net.parameters() if not p.requires_grad]
         for p in frozen:  # frozen weights are scored (and reset) too; only their repair is off
             p.requires_grad_(True)
         try:
-            g_f = forget_gradients(self.net, dm.batches("forget"))
+            g_f = forget_gradients(self.net, data.batches("forget"))
             if self.score == "grad_forget":
                 return {n: g_f[n].abs() for n in names}
-            retain = dm.indices("retain")
+            retain = data.indices("retain")
             gen = torch.Generator().manual_seed(self.seed)
             n_r = max(1, round(self.retain_score_fraction * len(retain)))
             subset = retain[torch.randperm(len(retain), generator=gen)[:n_r]].sort().values
-            g_r = forget_gradients(self.net, dm.data.loader(subset, 256, train=False))
+            g_r = forget_gradients(self.net, data.loader(subset, 256))
             return {n: g_f[n].square() / (g_r[n].square() + 1e-12) for n in names}
         finally:
             for p in frozen:
@@ -185,7 +191,7 @@ class WeightReset(UnlearningModule):
 
     def effective_ratio(self) -> float:
         """k * `ratio_per_class` for k forget classes (the "proportional" reset), else `ratio`."""
-        classes = self.datamodule.split.classes
+        classes = self.data.forget_classes
         if self.ratio_per_class is None or self.scope == "layers" or not classes:
             return self.ratio
         ratio = len(classes) * self.ratio_per_class
@@ -204,7 +210,7 @@ class WeightReset(UnlearningModule):
         self.reset_per_stage = counts
         self.reset_()
         if self.recalibrate_bn:
-            recalibrate_batchnorm(self.net, self.datamodule.batches("retain"))
+            recalibrate_batchnorm(self.net, self.data.batches("retain"))
         if self.repair_epochs == 0:
             self.trainer.should_stop = True  # reset only: no batch, no optimizer step
 
