@@ -46,6 +46,65 @@ OmegaConf.register_new_resolver("dirname", _dirname, replace=True)
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 
+_HYDRA_DETAIL = ("full_key:", "object_type=", "reference_type=")
+
+
+def one_line(message: str) -> str:
+    """Hydra's multi-line refusal as one line: its lines joined, a list of options comma-separated,
+    OmegaConf's detail lines (full_key, object_type) dropped."""
+    parts: list[str] = []
+    listing = False
+    for raw in message.splitlines():
+        line = raw.strip()
+        if line.startswith("Config search path"):  # Hydra's search path listing: not the user's mistake
+            break
+        if not line or line.startswith(_HYDRA_DETAIL) or line.startswith("Set the environment variable"):
+            continue
+        if listing and raw.startswith(("\t", " ")):  # an option under "Available options in '<group>':"
+            parts[-1] += ("" if parts[-1].endswith(":") else ",") + " " + line
+            continue
+        listing = line.startswith("Available options")
+        parts.append(line[0].lower() + line[1:] if listing else line)
+    return "; ".join(p.rstrip(".") for p in parts)
+
+
+def _one_line_hydra_errors() -> None:
+    """Hydra's own refusals of a command line — an option a group does not have (`method=nope`), a key
+    nothing has (`data.nope=3`), override syntax — end like every other bad input: one line, exit
+    code 2, nothing run (docs/design.md, Failure behaviour). HYDRA_FULL_ERROR=1 keeps Hydra's report.
+
+    Hydra reports them in `hydra._internal.utils.run_and_report`, around the whole command (a
+    multirun's jobs included); this wraps the function it is handed, so any other error is reported
+    by Hydra as before.
+    """
+    from hydra._internal import utils as hydra_utils
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    original = hydra_utils.run_and_report
+    if getattr(original, "mu_runner", False):
+        return
+
+    def run_and_report(func):
+        def guarded():
+            try:
+                return func()
+            except (ConfigCompositionException, OverrideParseException) as err:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                cause = err.__cause__
+                text = str(err) + (f"\n{cause}" if cause is not None and str(cause) not in str(err) else "")
+                from mu_runner.utils.redact import redact
+                print(f"mu_runner: error: {redact(one_line(text))}", file=sys.stderr)
+                sys.exit(2)
+        return original(guarded)
+
+    run_and_report.mu_runner = True
+    hydra_utils.run_and_report = run_and_report
+
+
+_one_line_hydra_errors()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://mu_runner.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one experiment; returns avg_gap so that a Hydra sweeper can minimise it.

@@ -264,6 +264,38 @@ def test_hydra_full_error_gives_the_traceback(tmp_path):
     assert res.returncode != 0 and "Traceback" in res.stderr and "train.epochs='abc'" in res.stderr
 
 
+HYDRA_REFUSALS = [
+    (("method=nope",), r"Could not find 'method/nope'; available options in 'method': .*finetune, .*salun"),
+    (("data.nope=3",), r"Could not override 'data\.nope'.*\+data\.nope=3"),
+    (("+x=[1",), r"no viable alternative at input '\[1'"),
+    (("-m", "method=finetune,nope"), r"Could not find 'method/nope'"),
+]
+
+
+@pytest.mark.parametrize("args, pattern", HYDRA_REFUSALS, ids=[" ".join(a) for a, _ in HYDRA_REFUSALS])
+def test_hydra_own_refusals_are_one_line_and_exit_code_2(tmp_path, args, pattern):
+    """What Hydra refuses while composing (an unknown group option or key, bad override syntax) ends
+    like every other bad input: one line, exit code 2, nothing written."""
+    res = mu_runner(*args, f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mu_runner: error: "), res.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in res.stderr + res.stdout and not list(tmp_path.rglob("*.json"))
+    full = mu_runner(*args, f"paths.root_dir={tmp_path}", cwd=tmp_path, HYDRA_FULL_ERROR="1")
+    assert full.returncode == 1 and "Traceback" in full.stderr  # Hydra's full report when asked for
+
+
+def test_one_line_keeps_hydra_message_and_drops_its_detail():
+    from mu_runner.__main__ import one_line
+    text = ("In 'config': Could not find 'method/nope'\n\nAvailable options in 'method':\n\tfinetune\n\tsalun\n"
+            "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf\n")
+    assert one_line(text) == ("In 'config': Could not find 'method/nope'; available options in 'method': "
+                              "finetune, salun")
+    assert one_line("Could not override 'a.b'.\nKey 'b' is not in struct\n    full_key: a.b\n    object_type=dict") \
+        == "Could not override 'a.b'; Key 'b' is not in struct"
+
+
 def test_a_multirun_job_with_bad_input_writes_only_its_error_file(tmp_path):
     from mu_runner.sweeps import failed_jobs
     sweep = tmp_path / "sweep"
