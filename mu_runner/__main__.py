@@ -105,6 +105,15 @@ def _one_line_hydra_errors() -> None:
 _one_line_hydra_errors()
 
 
+def _to_log_files(level: int, message: str) -> None:
+    """Log `message` to the run's log file(s) only: on the terminal the error is said once, below."""
+    from mu_runner.utils.redact import redact
+    record = log.makeRecord(log.name, level, __file__, 0, redact(message), None, None)
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://mu_runner.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run one experiment; returns avg_gap so that a Hydra sweeper can minimise it.
@@ -129,7 +138,7 @@ def main(cfg: DictConfig) -> float | None:
     except MuRunnerError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise  # the traceback, as Hydra gives it for other errors
-        log.error("%s", err)
+        _to_log_files(logging.ERROR, str(err))  # the run's log keeps it; the terminal gets the lines below
         for line in str(err).splitlines():  # one line per problem (validate.py collects them all)
             print(f"mu_runner: error: {redact(line)}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
