@@ -75,7 +75,7 @@ def multi_process(trainer_cfg: DictConfig) -> bool:
     if isinstance(devices, str):
         if devices == "auto":
             return str(trainer_cfg.get("accelerator", "auto")) != "cpu"
-        return "," in devices.strip(",") or devices.strip() in ("-1",) or (devices.isdigit() and int(devices) > 1)
+        return "," in devices.strip(",") or devices.strip() == "-1" or (devices.isdigit() and int(devices) > 1)
     return devices is not None and (int(devices) > 1 or int(devices) == -1)
 
 

@@ -24,8 +24,8 @@ log = logging.getLogger("mu_runner")
 
 
 def visible_gpus() -> int:
-    """CUDA devices this process sees (0 without CUDA); asked through NVML where torch can, so
-    CUDA is not initialised in a launcher's process before it starts the jobs."""
+    """CUDA devices this process sees (0 without CUDA). `torch.cuda.device_count()` does not
+    initialise CUDA, so a launcher's process can ask before it starts the jobs."""
     import torch
     return int(torch.cuda.device_count())
 
