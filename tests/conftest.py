@@ -31,7 +31,9 @@ TINY = [
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest -n N (pytest-xdist): the cores shared among the N workers, so that no worker's threads wait on another's
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -94,7 +96,18 @@ def tiny(tmp_path):
     return make
 
 
+def across_workers(tmp_path_factory, name: str) -> Path:
+    """A folder every xdist worker of this pytest run shares (the cache's file lock makes parallel
+    users of one cache safe: an entry is trained once); without xdist, one in this run's temp root."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-N/ above the workers' popen-gwK/ folders: this run's, no other's
+    path = base / name
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
-    """One cache for tests that only need *some* trained original (trains it once per session)."""
-    return tmp_path_factory.mktemp("cache")
+    """One cache for tests that only need *some* trained original (trains it once per run)."""
+    return across_workers(tmp_path_factory, "shared_cache")
