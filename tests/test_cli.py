@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli_runs import SMALL
 from conftest import TINY
 
 
@@ -36,7 +37,7 @@ def test_bad_value_is_one_line_and_exit_code_2(tmp_path):
 
 def test_multirun_gives_each_job_its_own_metrics_and_restarts_skip_finished_jobs(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", *TINY, "method=finetune,original", "forget.k=1,2", "train.epochs=1",  # after TINY's method
+    args = ["-m", *TINY, *SMALL, "method=finetune,original", "forget.k=1,2",  # after TINY's method; small data
             f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}"]
     res = mu_runner(*args, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]

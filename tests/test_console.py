@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli_runs import SMALL
 from conftest import TINY
 
 STAMP = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\]")  # Hydra's log-line prefix
@@ -17,7 +18,7 @@ STAMP = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\]")  # Hydra's log-line prefix
 def _run(tmp_path: Path, out: str) -> tuple[list[str], Path]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "HYDRA_FULL_ERROR")}
     env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "mu_runner", *TINY, "train.epochs=1", f"paths.root_dir={tmp_path}",
+    res = subprocess.run([sys.executable, "-m", "mu_runner", *TINY, *SMALL, f"paths.root_dir={tmp_path}",
                           f"hydra.run.dir={tmp_path / out}"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -48,7 +49,7 @@ def test_a_run_announces_each_phase_once_without_library_noise(tmp_path):
 def test_a_one_shot_method_prints_no_lightning_notice_about_its_missing_optimizer(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "HYDRA_FULL_ERROR")}
     env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "mu_runner", *TINY, "train.epochs=1", "method=ssd", "reference=none",
+    res = subprocess.run([sys.executable, "-m", "mu_runner", *TINY, *SMALL, "method=ssd", "reference=none",
                           f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'ssd'}"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import SMALL
 from conftest import TINY
 from omegaconf import OmegaConf
 
-SWEEP = [*TINY, "train.epochs=1", "reference=none", "forget.k=1,2,3,4"]
+SWEEP = [*TINY, *SMALL, "reference=none", "forget.k=1,2,3,4"]  # small generated data: the launchers are tested
 LAUNCHERS = {
     "joblib": ["hydra.launcher.n_jobs=4"],
     "submitit_local": [],
