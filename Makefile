@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 run: setup
 	$(PY) -m mu_runner $(ARGS)
 
+# one pytest-xdist worker per core, each test module on one worker (its fixtures built once);
+# make test PYTEST_ARGS="tests/test_run.py -k cache" runs a subset in one process
+PYTEST_ARGS ?= -n auto --dist loadscope
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
