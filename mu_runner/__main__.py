@@ -150,5 +150,16 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("summary/avg_gap")
 
 
+def cli() -> None:
+    """`python -m mu_runner` and the `mu-runner` command: `main`, then the process ends without
+    the interpreter's seconds of module teardown (mu_runner/utils/fastexit.py)."""
+    from mu_runner.utils.fastexit import exit_now
+    try:
+        main()
+    except SystemExit as done:  # Hydra's and ours: the status it carries
+        exit_now(done.code)
+    exit_now(0)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

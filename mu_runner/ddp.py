@@ -434,4 +434,5 @@ def rank_main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(rank_main())
+    from mu_runner.utils.fastexit import exit_now
+    exit_now(rank_main())  # rank 0 waits for this process to end

@@ -22,7 +22,7 @@ def test_pyproject_lists_every_subpackage_and_ships_the_configuration():
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "mu_runner").rglob("__init__.py")}
     assert listed == found | {"mu_runner.conf"}
     assert project["tool"]["setuptools"]["package-dir"] == {"mu_runner.conf": "conf"}
-    assert project["project"]["scripts"]["mu-runner"] == "mu_runner.__main__:main"
+    assert project["project"]["scripts"]["mu-runner"] == "mu_runner.__main__:cli"
     assert "version" in project["project"]["dynamic"]  # written once: mu_runner.__version__
 
 
