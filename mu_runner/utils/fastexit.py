@@ -24,8 +24,8 @@ def exit_code(code: object) -> int:
     """SystemExit's code as the process's exit status: None 0, an int itself, anything else 1 (printed)."""
     if code is None:
         return 0
-    if isinstance(code, int) and not isinstance(code, bool):
-        return code
+    if isinstance(code, int):  # True is 1, as for sys.exit
+        return int(code)
     print(code, file=sys.stderr)
     return 1
 
