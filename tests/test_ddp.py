@@ -49,17 +49,27 @@ def _metrics(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A: DDP on a cold cache; B: one process on the cache A made; C: DDP again (warm cache)."""
+    """A: DDP on a cold cache; B: one process on the cache A made (in this process: what is compared
+    is the numbers, not the command line); C: DDP again (warm cache)."""
+    from conftest import compose_config
+
+    from mu_runner.run import run
+
     root = tmp_path_factory.mktemp("ddp")
     out = {}
-    for name, extra in (("a", DDP), ("b", []), ("c", DDP)):
-        res = mu_runner(*ARGS, *extra, f"paths.root_dir={root}", f"hydra.run.dir={root}/{name}", cwd=root)
+    for name in ("a", "b", "c"):
+        if name == "b":
+            cfg = compose_config([*ARGS, f"paths.cache_dir={root}/outputs/cache"], root)
+            cfg.paths.output_dir = str(root / "b")
+            run(cfg)
+            continue
+        res = mu_runner(*ARGS, *DDP, f"paths.root_dir={root}", f"hydra.run.dir={root}/{name}", cwd=root)
         assert res.returncode == 0, f"run {name}: {res.stderr[-3000:]}"
         out[name] = res
     return root, out
 
 
-@pytest.mark.slow  # real runs in subprocesses (the fixture's three: about 2 min)
+@pytest.mark.slow  # real runs in subprocesses (the fixture's DDP runs: about a minute)
 def test_ddp_on_a_cold_cache_completes_and_rank_0_alone_writes(runs):
     root, res = runs
     log = res["a"].stdout + res["a"].stderr
@@ -71,7 +81,7 @@ def test_ddp_on_a_cold_cache_completes_and_rank_0_alone_writes(runs):
     assert "[rank 1]" not in log  # rank 1 says nothing when nothing goes wrong
 
 
-@pytest.mark.slow  # real runs in subprocesses (the fixture's three: about 2 min)
+@pytest.mark.slow  # real runs in subprocesses (the fixture's DDP runs: about a minute)
 def test_ddp_numbers_are_a_single_process_numbers_within_tolerance(runs):
     root, _ = runs
     a, b = _metrics(root / "a"), _metrics(root / "b")
@@ -85,7 +95,7 @@ def test_ddp_numbers_are_a_single_process_numbers_within_tolerance(runs):
     assert abs(a["weight_change"] - b["weight_change"]) <= 0.01 * b["weight_change"]
 
 
-@pytest.mark.slow  # real runs in subprocesses (the fixture's three: about 2 min)
+@pytest.mark.slow  # real runs in subprocesses (the fixture's DDP runs: about a minute)
 def test_ddp_on_a_warm_cache_only_reads_it_and_repeats_the_numbers(runs):
     root, res = runs
     log = res["c"].stdout + res["c"].stderr
@@ -100,13 +110,19 @@ def test_ddp_on_a_warm_cache_only_reads_it_and_repeats_the_numbers(runs):
     assert all(torch.equal(wa[k], wc[k]) for k in wa)  # bit for bit: gloo's sums are deterministic
 
 
-@pytest.mark.slow  # real runs in subprocesses (the fixture's three: about 2 min)
+@pytest.mark.slow  # real runs in subprocesses (the fixture's DDP runs: about a minute)
 def test_ddp_batch_size_that_does_not_split_among_the_processes_is_one_line(runs):
+    from conftest import compose_config
+
+    from mu_runner.errors import ConfigError
+    from mu_runner.run import build
+
     root, _ = runs
-    res = mu_runner(*ARGS, *DDP, "method.batch_size=127", f"paths.root_dir={root}",
-                    f"hydra.run.dir={root}/odd", cwd=root)
-    assert res.returncode == 2, res.stderr[-2000:]
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("mu_runner: error:")]
+    cfg = compose_config([*ARGS, *DDP, "method.batch_size=127", f"paths.cache_dir={root}/outputs/cache"], root)
+    cfg.paths.output_dir = str(root / "odd")
+    with pytest.raises(ConfigError) as err:  # before any rank is started
+        build(cfg)
+    lines = str(err.value).splitlines()
     assert len(lines) == 1 and "127" in lines[0] and "multiple of 2" in lines[0]
     assert not (root / "odd" / "metrics.json").exists()
 
