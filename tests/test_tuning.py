@@ -21,11 +21,15 @@ TUNE = [*TINY, "experiment=tune", "tune.seeds=[0]", "method.search.epochs='range
 
 
 def run_main(args: list[str], monkeypatch) -> None:
-    """`python -m mu_runner ARGS` in this process (so that spies see every call)."""
-    import runpy
+    """`python -m mu_runner ARGS` in this process (so that spies see every call): its `main`, not
+    `cli`, which would end this process when done (mu_runner/utils/fastexit.py)."""
+    from mu_runner.__main__ import main
     GlobalHydra.instance().clear()
     monkeypatch.setattr(sys, "argv", ["mu_runner", *args])
-    runpy.run_module("mu_runner", run_name="__main__", alter_sys=True)
+    try:
+        main()
+    except SystemExit as done:
+        assert done.code in (0, None), done.code
     GlobalHydra.instance().clear()
 
 
