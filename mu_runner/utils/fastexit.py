@@ -14,6 +14,7 @@ would wait for it: then it falls back to the ordinary `sys.exit`, so nothing is 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -34,10 +35,9 @@ def exit_now(code: object = 0) -> NoReturn:
     status = exit_code(code)
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         sys.exit(status)  # the interpreter waits for it, as it always does
-    atexit._run_exitfuncs()  # noqa: SLF001 - what Py_Finalize runs before its module teardown
+    atexit._run_exitfuncs()  # what Py_Finalize runs before its module teardown
     for stream in (sys.stdout, sys.stderr):
-        try:
+        # a closed stream or a broken pipe: nothing more can be said on it
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be said on it
-            pass
     os._exit(status)
