@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_runs import SMALL, run_cli
+from cli_runs import SMALL, command, main_in_process, run_cli
 
 from mu_runner.utils import redact as R
 
@@ -97,7 +97,8 @@ def test_a_run_whose_overrides_carry_credentials_writes_none_of_them(tmp_path):
 
 
 def test_an_error_message_that_would_carry_a_credential_is_redacted(tmp_path):
-    res = run_cli(tmp_path, f"seed={TOKEN}", "logger=csv", MU_TEST_TOKEN=TOKEN)
+    # refused before any work: main() in this process (cli_runs.main_in_process)
+    res = main_in_process(*command(tmp_path, f"seed={TOKEN}", "logger=csv")[3:], cwd=tmp_path, MU_TEST_TOKEN=TOKEN)
     assert res.returncode == 2
     assert TOKEN not in res.stderr and "<redacted:MU_TEST_TOKEN>" in res.stderr
     assert (tmp_path / "run" / "mu_runner.log").exists()

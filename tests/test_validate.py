@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_runs import main_in_process
 from conftest import TINY, compose_config
 
 import mu_runner.run as R
@@ -241,6 +242,8 @@ def mu_runner(*args: str, cwd: Path, **env) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, check=False)
 
 
+# Refused before any work: `main()` in this process gives the same exit code and lines without a new
+# interpreter's imports (test_cli.py runs the same kind of refusal as a real process).
 @pytest.mark.parametrize("args, last", [
     (["train.epochs=abc"], f"mu_runner: error: train.epochs='abc': allowed {LIFT}"),
     (["seed=1.5", "forget.seed=abc", "data.val_fraction=1.5", "train.optimizer.lr=-1", "+forget.kk=3"],
@@ -249,7 +252,7 @@ def mu_runner(*args: str, cwd: Path, **env) -> subprocess.CompletedProcess:
      "method.alpha_grid on validation images (or set method.alpha_grid=null: the fixed alpha); set data.val_fraction > 0"),
 ], ids=["one-problem", "five-problems", "cross-field"])
 def test_command_line_bad_input_exit_code_2_one_line_each_nothing_written(tmp_path, args, last):
-    res = mu_runner(*TINY, *args, f"paths.root_dir={tmp_path}", cwd=tmp_path)
+    res = main_in_process(*TINY, *args, f"paths.root_dir={tmp_path}", cwd=tmp_path)
     assert res.returncode == 2, res.stderr[-2000:]
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("mu_runner: error:")]
     assert res.stderr.rstrip().splitlines()[-1] == last
@@ -260,7 +263,7 @@ def test_command_line_bad_input_exit_code_2_one_line_each_nothing_written(tmp_pa
 
 
 def test_hydra_full_error_gives_the_traceback(tmp_path):
-    res = mu_runner(*TINY, "train.epochs=abc", f"paths.root_dir={tmp_path}", cwd=tmp_path, HYDRA_FULL_ERROR="1")
+    res = main_in_process(*TINY, "train.epochs=abc", f"paths.root_dir={tmp_path}", cwd=tmp_path, HYDRA_FULL_ERROR="1")
     assert res.returncode != 0 and "Traceback" in res.stderr and "train.epochs='abc'" in res.stderr
 
 
@@ -299,8 +302,8 @@ def test_one_line_keeps_hydra_message_and_drops_its_detail():
 def test_a_multirun_job_with_bad_input_writes_only_its_error_file(tmp_path):
     from mu_runner.sweeps import failed_jobs
     sweep = tmp_path / "sweep"
-    res = mu_runner("-m", *TINY, "train.epochs=abc,0", f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={sweep}",
-                    cwd=tmp_path)
+    res = main_in_process("-m", *TINY, "train.epochs=abc,0", f"paths.root_dir={tmp_path}",
+                          f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert res.returncode == 1
     failed, total = failed_jobs(sweep)
     assert total == 2 and sorted(failed) == [
