@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -27,16 +28,25 @@ def _mkdir(path: str) -> str:
     return path
 
 
-def _dirname(name: str, limit: int = 120) -> str:
-    """`${dirname:NAME}`: NAME as a directory name, within file-system limits (255 bytes): a long
-    override list keeps its first `limit` characters and gets a short hash of the whole, so it
-    stays unique and a restarted sweep finds the same directory again."""
+_ITEM = re.compile(r",(?=[+~]*[A-Za-z_][\w.@/-]*=)")  # a comma that starts the next key=value (not one inside [3,4])
+
+
+def _dirname(name: str, limit: int = 120, cut: int = 200) -> str:
+    """`${dirname:NAME}`: NAME (Hydra's `override_dirname`, `key=value` items joined by ',') as a
+    directory name, within file-system limits (255 bytes). A long list first drops each key's
+    dotted prefix (`method.optimizer.lr=0.1` -> `lr=0.1`), so that every swept *value* stays
+    visible; if that is still longer than `cut` bytes it keeps the first `cut`. Either way a short
+    hash of the whole is added, so the name stays unique and a restarted sweep finds the same
+    directory again."""
     from mu_runner.utils.redact import redact
     name = redact(name).replace("/", "_")  # no credential typed into an override becomes a directory name
     if len(name.encode()) <= limit:
         return name
     import hashlib
-    return name.encode()[:limit].decode(errors="ignore") + "~" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    digest = "~" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    items = _ITEM.split(name)
+    short = ",".join(re.sub(r"^([+~]*)[^=]*\.", r"\1", item) if "=" in item else item for item in items)
+    return short.encode()[:cut].decode(errors="ignore") + digest
 
 
 OmegaConf.register_new_resolver("mkdir", _mkdir, replace=True)

@@ -121,3 +121,19 @@ def test_a_credential_typed_into_a_multirun_override_is_not_a_directory_name(fak
 
     name = _dirname(f"logger.group={TOKEN},seed=0")
     assert TOKEN not in name and name == "logger.group=<redacted:MU_TEST_TOKEN>,seed=0"
+
+
+def test_a_long_override_list_keeps_every_swept_value_in_the_directory_name():
+    """Hydra sorts the overrides by key: cutting the joined list at the limit hid the values of the
+    last keys (often the swept one). Keys lose their dotted prefixes first; the name stays unique."""
+    from mu_runner.__main__ import _dirname
+
+    fixed = ("callbacks.forget_target=retrain,data.image_size=16,experiment=forget_scaling,"
+             "forget.classes=[3,4],method.optimizer.lr=0.01,method.ratio_per_class=0.02")
+    names = {_dirname(f"{fixed},seed={s},train.optimizer.weight_decay=0.0005") for s in (0, 1)}
+    assert len(names) == 2
+    for name in names:
+        assert len(name.encode()) <= 255 and "/" not in name
+        assert "classes=[3,4]" in name and "lr=0.01" in name and "weight_decay=0.0005" in name
+        assert ("seed=0" in name) != ("seed=1" in name)
+    assert _dirname("method=salun,seed=3") == "method=salun,seed=3"  # short lists are kept as they are
