@@ -1,11 +1,12 @@
-"""python -m mu_runner.report DIR [--md FILE] [--wandb]: tables, a study and plots from a sweep.
+"""python -m mu_runner.report DIR [--md FILE] [--baseline DIR2] [--wandb]: tables, a study and plots from a sweep.
 
 Runs are grouped by what was swept other than the seed (method, data, backbone, forget scenario);
 each cell is mean ± std over seeds. Writes DIR/summary.csv (one row per run) and DIR/report.md.
 Where a method was run at several numbers of forgotten classes k (experiment=forget_scaling), the
 report adds the removed-classes study (`mu_runner.study`): per method and k, network change, feature
 shift, probe and accuracies with their gap to retrain, Spearman's rho of change against k, where the
-change concentrates, and PNG plots. `--wandb` uploads the table and plots as one W&B run.
+change concentrates, and PNG plots. `--baseline DIR2` adds this sweep against another, per method
+(e.g. tuned against hand-set defaults). `--wandb` uploads the table and plots as one W&B run.
 """
 
 from __future__ import annotations
@@ -150,6 +151,34 @@ def privacy_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_markdown(rows: list[dict], baseline: list[dict], name: str = "baseline") -> str:
+    """This sweep against another (`--baseline DIR`, e.g. tuned defaults against hand-set ones): per
+    (data, backbone, scenario, method) that both have, mean over seeds of the gap to the retrained
+    model and of the accuracies, side by side; Δ = this − baseline (negative: closer to retrain)."""
+    base = group(baseline)
+    lines = []
+    for key, runs in group(rows).items():
+        if key not in base:
+            continue
+        if not lines:
+            lines = ["", f"## Against {name}", "",
+                     f"Mean over seeds, in %; acc gap = mean |forget, retain, test accuracy − retrain's|; "
+                     f"Δ = this sweep − {name}.", "",
+                     (f"| data / backbone / scenario | method | seeds ({name} / this) | acc gap % ({name}) "
+                      f"| acc gap % (this) | Δ | forget acc % ({name} → this) | retain acc % ({name} → this) "
+                      f"| test acc % ({name} → this) |"), "|---|---|---|---|---|---|---|---|---|"]
+        def pct(rs: list[dict], k: str) -> float | None:
+            ms = mean_std([r.get(k) for r in rs])
+            return None if ms is None else 100 * ms[0]
+        old, new = pct(base[key], "acc_gap"), pct(runs, "acc_gap")
+        delta = "–" if old is None or new is None else f"{new - old:+.2f}"
+        f = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+        arrows = [f"{f(pct(base[key], k))} → {f(pct(runs, k))}" for k in ACCURACIES]
+        lines.append(f"| {key[0]} / {key[1]} / {key[2]} | {key[3]} | {len(base[key])} / {len(runs)} | {f(old)} "
+                     f"| {f(new)} | {delta} | " + " | ".join(arrows) + " |")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
 def failures(root: Path) -> str:
     """Jobs that ended with a user error (error.txt, no metrics.json), one line per distinct message."""
     errors: dict[str, list[str]] = {}
@@ -176,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", type=Path, help="a sweep directory (searched recursively)")
     parser.add_argument("--md", type=Path, help="also write the markdown table here")
     parser.add_argument("--title", default="Results", help="heading of the markdown report")
+    parser.add_argument("--baseline", type=Path,
+                        help="another sweep directory: adds a table of this sweep against it, per method")
+    parser.add_argument("--baseline-name", default="baseline", help="what the baseline sweep is called")
     parser.add_argument("--wandb", action="store_true",
                         help="upload summary table and plots as one W&B run (offline unless WANDB_MODE=online)")
     args = parser.parse_args(argv)
@@ -186,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(rows, args.dir / "summary.csv")
     head = f"# {args.title}\n\n{len(rows)} runs from `{args.dir}`; mean ± std over seeds.\n\n" + warnings(rows)
     head += markdown(rows)
+    if args.baseline is not None:
+        baseline = load_runs(args.baseline)
+        if not baseline:
+            print(f"mu_runner.report: error: no metrics.json under {args.baseline}", file=sys.stderr)
+            return 2
+        head += compare_markdown(rows, baseline, args.baseline_name)
     head += privacy_markdown(rows) + failures(args.dir)
     plots = study_plots(rows, args.dir) if scaling_groups(rows) else []
     text = head + (("\n" + study_markdown(rows, [p.name for p in plots])) if plots else "")

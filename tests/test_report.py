@@ -81,3 +81,29 @@ def test_runs_that_missed_the_forget_target_and_one_by_one_stages_are_marked():
     assert capped(runs) == " ⚠ 1/3 missed the forget target" and capped(runs[:1]) == ""
     assert _reached(runs) == "2/3 ⚠" and _reached(runs[:1]) == "1/1" and _reached([{}]) == "–"
     assert "layer4" in warnings([{"one_by_one": "layer4"}, {"one_by_one": ""}]) and warnings([{}]) == ""
+
+
+def test_baseline_table_puts_each_method_beside_the_other_sweep(tmp_path):
+    """--baseline: per method in both sweeps, mean acc gap of each and their difference; a method
+    only one sweep has gets no row; an empty baseline is an error."""
+    def put(root, name, method, seed, forget_acc, gap):
+        _write(root, name, method, seed, forget_acc, 0.0)
+        path = root / name / "metrics.json"
+        m = json.loads(path.read_text())
+        path.write_text(json.dumps({**m, "acc_gap": gap}))
+
+    put(tmp_path / "hand", "a", "salun", 3, 0.10, 0.06)
+    put(tmp_path / "hand", "b", "salun", 4, 0.30, 0.04)
+    put(tmp_path / "hand", "c", "ssd", 3, 0.0, 0.01)
+    put(tmp_path / "tuned", "a", "salun", 3, 0.0, 0.01)
+    put(tmp_path / "tuned", "b", "salun", 4, 0.0, 0.03)
+    put(tmp_path / "tuned", "c", "finetune", 3, 0.0, 0.02)
+    out = tmp_path / "t.md"
+    assert main([str(tmp_path / "tuned"), "--baseline", str(tmp_path / "hand"), "--baseline-name", "hand-set",
+                 "--md", str(out)]) == 0
+    text = out.read_text()
+    assert "## Against hand-set" in text
+    rows = [line for line in text.split("## Against hand-set")[1].splitlines() if line.startswith("| digits")]
+    assert rows == ["| digits / resnet18 / classes k=1 | salun | 2 / 2 | 5.00 | 2.00 | -3.00 | 20.00 → 0.00 "
+                    "| 90.00 → 90.00 | 80.00 → 80.00 |"]
+    assert main([str(tmp_path / "tuned"), "--baseline", str(tmp_path / "nothing")]) == 2
