@@ -51,8 +51,9 @@ def test_ssd_only_shrinks_selected_weights_keeping_their_sign(ssd):
 
 
 def test_ssd_uses_squared_batch_mean_gradients_of_train_and_forget(shared_cache, tmp_path):
-    """Brute force for the classifier bias: I = mean over batches of (∂CE_batch/∂b)², the rule on it (α 10)."""
-    stage, _ = fit_ssd(tmp_path, shared_cache, "method.alpha_grid=null")
+    """Brute force for the classifier bias: I = mean over batches of (∂CE_batch/∂b)², the rule on it
+    (α 10, λ 0.5: θ <- min(λ I_D / I_f, 1) θ on the selected weights)."""
+    stage, _ = fit_ssd(tmp_path, shared_cache, "method.alpha_grid=null", "method.dampening=0.5")
     net = stage.original.eval()
     bias = net.body.fc.bias
 
@@ -63,7 +64,7 @@ def test_ssd_uses_squared_batch_mean_gradients_of_train_and_forget(shared_cache,
 
     i_d, i_f = importance("train"), importance("forget")
     chosen = i_f > 10.0 * i_d
-    expected = torch.where(chosen, (bias.double() * (i_d / i_f).clamp(max=1)).float(), bias)
+    expected = torch.where(chosen, (bias.double() * (0.5 * i_d / i_f).clamp(max=1)).float(), bias)
     assert chosen.any()
     assert torch.equal(stage.module.selected["body.fc.bias"], chosen)
     torch.testing.assert_close(stage.module.net.body.fc.bias, expected, rtol=1e-5, atol=0)
