@@ -108,13 +108,21 @@ def new_net(cfg: DictConfig, data: InMemoryData) -> Classifier:
     return make(cfg.backbone, "backbone", num_classes=data.num_classes, in_chans=c, img_size=h, mean=mean, std=std)
 
 
+# Trainer knobs that change what a training computes. A cache entry is keyed by its recipe (`train`,
+# data, backbone, seed, precision), so the trainings that make cache entries run with Lightning's
+# defaults for these: `trainer.max_steps=6` limits the unlearning stage, never a cached original.
+CACHE_TRAINING_FIXED = {"max_steps": -1, "min_steps": None, "max_time": None, "limit_train_batches": None,
+                        "overfit_batches": 0.0, "accumulate_grad_batches": 1, "gradient_clip_val": None}
+
+
 def _trainer(cfg: DictConfig, epochs: int, phase: str = "train", single: bool = False, **kwargs) -> L.Trainer:
     """The configured Trainer; its progress bar (if enabled) is labelled with the phase.
 
-    `single`: one device, no process group (the trainings that make cache entries; mu_runner/ddp.py).
+    `single`: a training that makes a cache entry: one device, no process group (mu_runner/ddp.py),
+    and none of the trainer's limits (CACHE_TRAINING_FIXED).
     """
     if single:
-        kwargs = {**ddp.single_device(cfg.trainer), **kwargs}
+        kwargs = {**CACHE_TRAINING_FIXED, **ddp.single_device(cfg.trainer), **kwargs}
     if cfg.trainer.get("enable_progress_bar", True):
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), phase_bar(phase)]
     if crashpoint.requested() == phase:  # tests only: a kill in the middle of this training

@@ -74,3 +74,19 @@ def test_atomic_json_never_leaves_a_partial_file(tmp_path, monkeypatch):
     assert not target.exists() and not list(tmp_path.glob("*.tmp"))
     atomic_write_json(target, {"x": 1})
     assert target.read_text().strip().startswith("{")
+
+
+@pytest.mark.parametrize("limit", ["+trainer.max_steps=3", "+trainer.limit_train_batches=2",
+                                   "+trainer.accumulate_grad_batches=2"])
+def test_trainer_limits_reach_the_unlearning_stage_but_never_a_cached_original(tiny, tmp_path, limit):
+    """A cache entry is keyed by its recipe, not by trainer.*: were `trainer.max_steps=3` to cut the
+    original's training, every later run with the same recipe would read a half-trained original."""
+    from conftest import same_state
+
+    from mu_runner.run import build
+
+    plain = build(tiny("reference=none", tmp=tmp_path / "a"))
+    limited = build(tiny("reference=none", limit, tmp=tmp_path / "b"))
+    assert same_state(plain.original, limited.original)
+    knob = limit.split(".")[1].split("=")[0]
+    assert getattr(limited.trainer, knob) != getattr(plain.trainer, knob)  # the unlearning stage has it
