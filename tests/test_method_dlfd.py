@@ -66,7 +66,8 @@ def _fit(shared_cache, tmp, *overrides, forget_scores: list[float] | None = None
 @pytest.fixture(scope="module")
 def classwise(shared_cache, tmp_path_factory):
     # perturb while more than 15 % of the monitored forget samples are still right (here: until step 16)
-    return _fit(shared_cache, tmp_path_factory.mktemp("dlfd_c"), "forget.k=2", "method.acc_threshold=0.15")
+    return _fit(shared_cache, tmp_path_factory.mktemp("dlfd_c"), "forget.k=2", "method.acc_threshold=0.15",
+                "method.epochs=1")
 
 
 def test_no_forget_sample_reaches_a_cross_entropy(classwise):
