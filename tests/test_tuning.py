@@ -146,3 +146,24 @@ def test_the_sweepers_range_includes_its_end():
     distributions, _ = create_params_from_overrides(["method.epochs=range(1, 3)"])
     dist = distributions["method.epochs"]
     assert (dist.low, dist.high, dist.step) == (1, 3, 1)
+
+
+def test_tuning_table_lists_every_trial_best_first_with_its_knobs_and_seeds(tmp_path):
+    """scripts/tuning_table.py (docs/tuning/<m>.md): known trials in, known rows out."""
+    import importlib.util
+
+
+    spec = importlib.util.spec_from_file_location(
+        "tuning_table", Path(__file__).resolve().parents[1] / "scripts" / "tuning_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    for name, lr, epochs, seeds in (("a", "0.01", "2", [0.04, 0.02]), ("b", "0.003", "3", [0.01, 0.03])):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+            [f"method.optimizer.lr={lr}", f"method.epochs={epochs}", "experiment=tune", "method=salun"]))
+        (tmp_path / name / "tune.json").write_text(json.dumps(
+            {"objective": "acc_gap", "value": sum(seeds) / 2, "per_seed": [{"value": v} for v in seeds]}))
+    rows = [line for line in table.markdown(tmp_path).splitlines() if line.startswith("| ")]
+    assert rows == ["| epochs | optimizer.lr | objective % | per seed % |",
+                    "| 3 | 0.003 | 2.00 | 1.00, 3.00 |",
+                    "| 2 | 0.01 | 3.00 | 4.00, 2.00 |"]
