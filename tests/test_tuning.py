@@ -152,7 +152,6 @@ def test_tuning_table_lists_every_trial_best_first_with_its_knobs_and_seeds(tmp_
     """scripts/tuning_table.py (docs/tuning/<m>.md): known trials in, known rows out."""
     import importlib.util
 
-
     spec = importlib.util.spec_from_file_location(
         "tuning_table", Path(__file__).resolve().parents[1] / "scripts" / "tuning_table.py")
     table = importlib.util.module_from_spec(spec)
