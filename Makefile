@@ -42,7 +42,7 @@ study: setup
 		--title "The removed-classes study on digits (ResNet-18 at half width, 16 px, equal forgetting, make study)"
 
 # Tune every method's knobs against the retrained model (seeds 0-2, validation views; resumable:
-# each study lives in outputs/tuning/<method>.db) -> outputs/tuning/<method>/optimization_results.yaml
+# each study lives in outputs/tuning/<method>.db) -> outputs/tuning/<method>/<forget>/optimization_results.yaml
 TUNE_METHODS ?= ssd weight_filter mnemonic finetune grad_ascent neggrad_plus random_label salun \
 	l1_sparse bad_teacher scrub boundary_shrink dlfd snu weight_reset
 tune: setup

@@ -59,7 +59,7 @@ def spy(monkeypatch):
 def test_tuning_sweep_runs_trials_writes_best_parameters_resumes_and_never_scores_test_images(tmp_path, monkeypatch, spy):
     common = [*TUNE, f"paths.root_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache", "hydra.sweeper.n_trials=3"]
     run_main(common, monkeypatch)
-    sweep = tmp_path / "outputs" / "tuning" / "finetune"
+    sweep = tmp_path / "outputs" / "tuning" / "finetune" / "classes"
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"method.optimizer.lr", "method.epochs"}
     # the Optuna sweeper's range(1, 3) includes 3 (docs/tuning/README.md)
@@ -72,8 +72,11 @@ def test_tuning_sweep_runs_trials_writes_best_parameters_resumes_and_never_score
 
     storage = f"sqlite:///{tmp_path}/outputs/tuning/finetune.db"
     run_main([*common[:-1], "hydra.sweeper.n_trials=1"], monkeypatch)  # the same command again
-    study = optuna.load_study(study_name="finetune-acc_gap", storage=storage)
+    study = optuna.load_study(study_name="finetune-classes-acc_gap", storage=storage)
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 4
+    run_main([*common[:-1], "hydra.sweeper.n_trials=1", "forget=random"], monkeypatch)  # its own study
+    samples = optuna.load_study(study_name="finetune-random-acc_gap", storage=storage)
+    assert len(samples.trials) == 1 and (sweep.parent / "random" / "optimization_results.yaml").exists()
 
     seen, datasets = spy
     tests = [d.test_images for d in datasets]
