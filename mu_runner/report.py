@@ -151,32 +151,35 @@ def privacy_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _mean_pct(runs: list[dict], key: str) -> float | None:
+    ms = mean_std([r.get(key) for r in runs])
+    return None if ms is None else 100 * ms[0]
+
+
+def _num(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
 def compare_markdown(rows: list[dict], baseline: list[dict], name: str = "baseline") -> str:
     """This sweep against another (`--baseline DIR`, e.g. tuned defaults against hand-set ones): per
     (data, backbone, scenario, method) that both have, mean over seeds of the gap to the retrained
     model and of the accuracies, side by side; Δ = this − baseline (negative: closer to retrain)."""
     base = group(baseline)
-    lines = []
-    for key, runs in group(rows).items():
-        if key not in base:
-            continue
-        if not lines:
-            lines = ["", f"## Against {name}", "",
-                     f"Mean over seeds, in %; acc gap = mean |forget, retain, test accuracy − retrain's|; "
-                     f"Δ = this sweep − {name}.", "",
-                     (f"| data / backbone / scenario | method | seeds ({name} / this) | acc gap % ({name}) "
-                      f"| acc gap % (this) | Δ | forget acc % ({name} → this) | retain acc % ({name} → this) "
-                      f"| test acc % ({name} → this) |"), "|---|---|---|---|---|---|---|---|---|"]
-        def pct(rs: list[dict], k: str) -> float | None:
-            ms = mean_std([r.get(k) for r in rs])
-            return None if ms is None else 100 * ms[0]
-        old, new = pct(base[key], "acc_gap"), pct(runs, "acc_gap")
+    both = [(key, base[key], runs) for key, runs in group(rows).items() if key in base]
+    if not both:
+        return ""
+    lines = ["", f"## Against {name}", "",
+             f"Mean over seeds, in %; acc gap = mean |forget, retain, test accuracy − retrain's|; Δ = this sweep − {name}.",
+             "", (f"| data / backbone / scenario | method | seeds ({name} / this) | acc gap % ({name}) "
+                  f"| acc gap % (this) | Δ | forget acc % ({name} → this) | retain acc % ({name} → this) "
+                  f"| test acc % ({name} → this) |"), "|---|---|---|---|---|---|---|---|---|"]
+    for (data, backbone, scen, method), old_runs, runs in both:
+        old, new = _mean_pct(old_runs, "acc_gap"), _mean_pct(runs, "acc_gap")
         delta = "–" if old is None or new is None else f"{new - old:+.2f}"
-        f = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-        arrows = [f"{f(pct(base[key], k))} → {f(pct(runs, k))}" for k in ACCURACIES]
-        lines.append(f"| {key[0]} / {key[1]} / {key[2]} | {key[3]} | {len(base[key])} / {len(runs)} | {f(old)} "
-                     f"| {f(new)} | {delta} | " + " | ".join(arrows) + " |")
-    return "\n".join(lines) + "\n" if lines else ""
+        arrows = [f"{_num(_mean_pct(old_runs, k))} → {_num(_mean_pct(runs, k))}" for k in ACCURACIES]
+        lines.append(f"| {data} / {backbone} / {scen} | {method} | {len(old_runs)} / {len(runs)} | {_num(old)} "
+                     f"| {_num(new)} | {delta} | " + " | ".join(arrows) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def failures(root: Path) -> str:
