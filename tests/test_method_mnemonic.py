@@ -17,7 +17,14 @@ from mu_runner.cache import Cache
 from mu_runner.data.loaders import TensorLoader
 from mu_runner.errors import CheckpointError, ConfigError
 from mu_runner.methods.functional import Candidate, walk_grid
-from mu_runner.methods.mnemonic import CODE_SALT, Mnemonic, make_codes, score_candidate, step_sizes
+from mu_runner.methods.mnemonic import (
+    CODE_SALT,
+    Mnemonic,
+    code_fisher,
+    make_codes,
+    score_candidate,
+    step_sizes,
+)
 from mu_runner.run import _recipe_spec, build, fit_supervised, load_data, new_net
 
 EPS32 = torch.finfo(torch.float32).eps
@@ -67,7 +74,8 @@ def fit_mnemonic(tmp, cache, *overrides, forbid_data=False):
 
 @pytest.fixture(scope="module")
 def mn(shared_cache, tmp_path_factory):
-    return fit_mnemonic(tmp_path_factory.mktemp("mnemonic"), shared_cache)
+    """The line rule (one η, from the original), no extra step: the tests below check its algebra."""
+    return fit_mnemonic(tmp_path_factory.mktemp("mnemonic"), shared_cache, "method.path=line", "method.margin_steps=0")
 
 
 @pytest.fixture(scope="module")
@@ -318,9 +326,43 @@ def test_grid_walk_on_known_accuracies():
 @pytest.mark.parametrize("key, value", [("selection", "data"), ("t_mix", "0"), ("lambda1", "-1"), ("lambda2", "0"), ("eps", "0"),
                                         ("lambda1_grid", "[]"), ("lambda1_grid", "[0.2,-1]"), ("forget_tolerance", "1"),
                                         ("retain_tolerance", "-0.1"), ("max_forget_prob", "0"), ("margin_steps", "-1"),
-                                        ("retain_budget", "2")])
+                                        ("retain_budget", "2"), ("path", "curve")])
 def test_mnemonic_rejects_bad_hyperparameters_before_training(tiny, key, value):
     cfg = tiny("method=mnemonic", f"method.{key}={value}")
     with pytest.raises(ConfigError, match=rf"method\.{key}="):
         build(cfg)
     assert not any(Path(cfg.paths.cache_dir).rglob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def mn_refresh(mn, shared_cache, tmp_path_factory):
+    """The defaults (path=refresh, margin_steps 1) on a grid whose first step cannot forget."""
+    return fit_mnemonic(tmp_path_factory.mktemp("refresh"), shared_cache, "method.lambda1_grid=[0.000001,0.5,1,2,4,8]")
+
+
+def test_refresh_path_recomputes_eta_after_each_step_and_replays_to_the_chosen_one(mn_refresh):
+    """Known answer: from θ_o, per grid step, η at the current weights and the λ1 increment / max η."""
+    stage, _ = mn_refresh
+    m = stage.module
+    assert m.path == "refresh" and m.lambda1 >= 0.5  # 1e-6 moves no prediction: at least two steps
+    net = copy.deepcopy(stage.original).eval()
+    params = {f"{k}.weight": mod.weight for k, mod in net.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    done, line = 0.0, None
+    for lam in [v for v in m.grid if v <= m.lambda1]:
+        f_f, f_r = code_fisher(net, m.codes, params, list(stage.split.classes))
+        eta = {n: f_f[n] / (f_r[n] + m.eps) for n in params}
+        top = max(float(e.max()) for e in eta.values())
+        if line is None:  # the line path: every step along the first η
+            line = {n: p.detach().double() + m.sign * (m.lambda1 / top) * eta[n] for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_((p.double() + m.sign * ((lam - done) / top) * eta[n]).to(p.dtype))
+        done = lam
+    after = dict(m.net.named_parameters())
+    for n, p in params.items():
+        torch.testing.assert_close(after[n].detach(), p.detach(), rtol=1e-4, atol=1e-5)  # float32 Fisher sums
+    moved = max(float((after[n].detach().double() - stage.original.get_parameter(n).detach().double()).abs().max())
+                for n in params)
+    assert moved <= m.lambda1 * (1 + 1e-5)  # each increment moves a weight by at most itself
+    apart = max(float((after[n].detach().double() - line[n]).abs().max()) for n in params)
+    assert apart > 1e-3  # η moved between steps: not the line's θ_o + s·λ1·η_o / max η_o

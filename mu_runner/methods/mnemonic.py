@@ -33,9 +33,16 @@ Deliberate choices ([design], docs/methods.md, mnemonic):
   of them giving its class more than `max_forget_prob` (null: 1/K, chance). A class the model still
   ranks a close second on its own images is outvoted, not forgotten, and training images that the
   ~15 validation images of a class do not show are then still recognised (digits: up to 6 % of D_f
-  one √2 step before the chance margin held, 0 % at it). Nothing stronger is tried (`margin_steps`
-  0). A step whose selection retain accuracy is more than `retain_budget` below the unedited
-  model's ends the walk; then, as when no step forgets, the tried step with the best score;
+  one √2 step before the chance margin held, 0 % at it). One stronger step is taken if it still
+  forgets within `retain_tolerance` of that step's retain accuracy (`margin_steps` 1). A step whose
+  selection retain accuracy is more than `retain_budget` below the unedited model's ends the walk;
+  then, as when no step forgets, the tried step with the best score;
+- the walk follows a curve, not a line (`path: refresh`): η is recomputed from the codes at the
+  weights each grid step reached, and the next step moves by the λ1 increment along that η (λ1
+  stays an upper bound on any weight's total change). Along the original's η alone (`path: line`)
+  the bound (forget ≤ 1 % of D_f, retain within 3 points) failed for 2 of 9 digits originals and
+  no λ1 on the line met it for one; the curve met it for all 9 and for 15 others
+  (docs/tuning/mnemonic.md);
 - class-level only: codes are per class, so sample forgetting is refused.
 """
 
@@ -116,9 +123,11 @@ class Mnemonic(OneShotModule):
     def __init__(self, net: nn.Module, lambda1: float = 1.6, lambda2: float | None = None, eps: float = 1e-6,
                  t_mix: float = 0.05, selection: str = "val", val_per_class: int = 20, batch_size: int = 256,
                  seed: int = 0, lambda1_relative: bool = True, lambda1_grid: list[float] | None = None,
-                 forget_tolerance: float = 0.01, max_forget_prob: float | None = None, margin_steps: int | None = 0,
-                 retain_tolerance: float = 0.01, retain_budget: float | None = 0.05) -> None:
+                 forget_tolerance: float = 0.01, max_forget_prob: float | None = None, margin_steps: int | None = 1,
+                 retain_tolerance: float = 0.01, retain_budget: float | None = 0.05, path: str = "refresh") -> None:
         super().__init__(net, batch_size=batch_size, seed=seed)
+        if path not in ("line", "refresh"):
+            raise ConfigError(f"method.path={path!r}: allowed line, refresh")
         if not (lambda1 > 0 and (lambda2 is None or lambda2 > 0)):
             raise ConfigError(f"method.lambda1={lambda1}, method.lambda2={lambda2}: need both > 0 (lambda2 may be null)")
         if lambda1_grid is not None and (len(lambda1_grid) == 0 or not all(float(v) > 0 for v in lambda1_grid)):
@@ -149,6 +158,7 @@ class Mnemonic(OneShotModule):
         self.max_forget_prob = None if max_forget_prob is None else float(max_forget_prob)
         self.margin_steps = None if margin_steps is None else int(margin_steps)
         self.retain_budget = 1.0 if retain_budget is None else float(retain_budget)
+        self.path = path
         self.candidates, self.sign, self.forget_prob, self.eta_max = [], 1, {}, 0.0  # set by `edit`
         if net is not None:  # net=None: the runner only validates the arguments
             self.register_buffer("codes", verified_codes(net, self.seed), persistent=False)
@@ -181,11 +191,16 @@ class Mnemonic(OneShotModule):
             max_prob = self.max_forget_prob if self.max_forget_prob is not None else 1.0 / len(self.codes)
             self.forget_prob = {}
 
+            self.ends = {}  # path=refresh: per sign, the walk's last (λ1, weights)
+
             def try_step(lambda1: float) -> list[Candidate]:
                 self.alpha = step_sizes(self.eta, lambda1, self.lambda2, self.relative)
                 pair = []
                 for sign in (1, -1):
-                    self.move(start, sign)
+                    if self.path == "refresh":
+                        self.advance(start, sign, lambda1)
+                    else:
+                        self.move(start, sign)
                     score, forget_acc, retain_acc, prob = score_candidate(self.net, x, y, forget)
                     self.forget_prob[(lambda1, sign)] = prob
                     pair.append(Candidate(lambda1, sign, score, forget_acc, retain_acc,
@@ -196,8 +211,13 @@ class Mnemonic(OneShotModule):
                                                 self.retain_budget, self.margin_steps)
             self.scores = {c.variant: c.score for c in self.candidates if c.value == chosen.value}
             self.sign, self.lambda1 = chosen.variant, chosen.value
-            self.alpha = step_sizes(self.eta, self.lambda1, self.lambda2, self.relative)
-            self.move(start, self.sign)
+            if self.path == "refresh":  # replay the chosen sign's walk up to the chosen λ1
+                self.ends = {}
+                for lambda1 in (v for v in self.grid if v <= self.lambda1):
+                    self.advance(start, self.sign, lambda1)
+            else:
+                self.alpha = step_sizes(self.eta, self.lambda1, self.lambda2, self.relative)
+                self.move(start, self.sign)
         finally:
             self.net.train(was_training)
 
@@ -212,6 +232,20 @@ class Mnemonic(OneShotModule):
         with torch.no_grad():
             for n, p in self.perturbed.items():
                 p.copy_((start[n].double() + sign * self.alpha[n] * self.eta[n]).to(p.dtype))
+
+    def advance(self, start: dict[str, Tensor], sign: int, lambda1: float) -> None:
+        """path=refresh: from this sign's last point, recompute η there and step by the λ1 increment."""
+        done, weights = self.ends.get(sign, (0.0, start))
+        with torch.no_grad():
+            for n, p in self.perturbed.items():
+                p.copy_(weights[n])
+        f_f, f_r = code_fisher(self.net, self.codes, self.perturbed, list(self.data.forget_classes))
+        eta = {n: f_f[n] / (f_r[n] + self.eps) for n in self.perturbed}
+        alpha = step_sizes(eta, lambda1 - done, self.lambda2, self.relative)
+        with torch.no_grad():
+            for n, p in self.perturbed.items():
+                p.copy_((p.double() + sign * alpha[n] * eta[n]).to(p.dtype))
+        self.ends[sign] = (lambda1, {n: p.detach().clone() for n, p in self.perturbed.items()})
 
     def selection_set(self) -> tuple[Tensor, Tensor]:
         """Codes with their labels (data-free), or `val_per_class` seeded validation images per class."""
