@@ -191,7 +191,7 @@ def test_selection_codes_touches_no_data_split_and_still_forgets(mn_codes):
     assert rec["loaders"] == [] and rec["forbidden"] == []  # no loader iterated, no data attribute read
     m, original = stage.module, dict(stage.original.named_parameters())
     assert any(not torch.equal(p, original[n]) for n, p in m.net.named_parameters())
-    assert m.scores[m.sign] >= m.scores[-m.sign]
+    assert m.scores[m.sign] == max(m.scores.values())  # the curve (default) may have walked one sign only
     result = stage.evaluate()
     assert result.unlearned["forget_acc"] <= result.original["forget_acc"] - 0.1
 

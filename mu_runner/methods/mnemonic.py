@@ -39,7 +39,8 @@ Deliberate choices ([design], docs/methods.md, mnemonic):
   then, as when no step forgets, the tried step with the best score;
 - the walk follows a curve, not a line (`path: refresh`): η is recomputed from the codes at the
   weights each grid step reached, and the next step moves by the λ1 increment along that η (λ1
-  stays an upper bound on any weight's total change). Along the original's η alone (`path: line`)
+  stays an upper bound on any weight's total change). Each sign walks its own curve (following
+  only the sign that scored better early left class 7 seed 1 unforgotten). Along the original's η alone (`path: line`)
   the bound (forget ≤ 1 % of D_f, retain within 3 points) failed for 2 of 9 digits originals and
   no λ1 on the line met it for one; the curve met it for all 9 and for 15 others
   (docs/tuning/mnemonic.md);
@@ -191,7 +192,7 @@ class Mnemonic(OneShotModule):
             max_prob = self.max_forget_prob if self.max_forget_prob is not None else 1.0 / len(self.codes)
             self.forget_prob = {}
 
-            self.ends = {}  # path=refresh: per sign, the walk's last (λ1, weights)
+            self.ends, self.before = {}, {}  # path=refresh: per sign, the walk's last and last-but-one (λ1, weights)
 
             def try_step(lambda1: float) -> list[Candidate]:
                 self.alpha = step_sizes(self.eta, lambda1, self.lambda2, self.relative)
@@ -211,10 +212,14 @@ class Mnemonic(OneShotModule):
                                                 self.retain_budget, self.margin_steps)
             self.scores = {c.variant: c.score for c in self.candidates if c.value == chosen.value}
             self.sign, self.lambda1 = chosen.variant, chosen.value
-            if self.path == "refresh":  # replay the chosen sign's walk up to the chosen λ1
-                self.ends = {}
-                for lambda1 in (v for v in self.grid if v <= self.lambda1):
-                    self.advance(start, self.sign, lambda1)
+            if self.path == "refresh":  # the chosen point: one of the sign's last two, else replayed
+                kept = [e for e in (self.ends.get(self.sign), self.before.get(self.sign)) if e and e[0] == self.lambda1]
+                if kept:
+                    self.restore(kept[0][1])
+                else:
+                    self.ends, self.before = {}, {}
+                    for lambda1 in (v for v in self.grid if v <= self.lambda1):
+                        self.advance(start, self.sign, lambda1)
             else:
                 self.alpha = step_sizes(self.eta, self.lambda1, self.lambda2, self.relative)
                 self.move(start, self.sign)
@@ -236,16 +241,21 @@ class Mnemonic(OneShotModule):
     def advance(self, start: dict[str, Tensor], sign: int, lambda1: float) -> None:
         """path=refresh: from this sign's last point, recompute η there and step by the λ1 increment."""
         done, weights = self.ends.get(sign, (0.0, start))
-        with torch.no_grad():
-            for n, p in self.perturbed.items():
-                p.copy_(weights[n])
+        self.restore(weights)
         f_f, f_r = code_fisher(self.net, self.codes, self.perturbed, list(self.data.forget_classes))
         eta = {n: f_f[n] / (f_r[n] + self.eps) for n in self.perturbed}
         alpha = step_sizes(eta, lambda1 - done, self.lambda2, self.relative)
         with torch.no_grad():
             for n, p in self.perturbed.items():
                 p.copy_((p.double() + sign * alpha[n] * eta[n]).to(p.dtype))
+        if sign in self.ends:
+            self.before[sign] = self.ends[sign]
         self.ends[sign] = (lambda1, {n: p.detach().clone() for n, p in self.perturbed.items()})
+
+    def restore(self, weights: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.perturbed.items():
+                p.copy_(weights[n])
 
     def selection_set(self) -> tuple[Tensor, Tensor]:
         """Codes with their labels (data-free), or `val_per_class` seeded validation images per class."""
