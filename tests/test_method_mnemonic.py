@@ -365,4 +365,5 @@ def test_refresh_path_recomputes_eta_after_each_step_and_replays_to_the_chosen_o
                 for n in params)
     assert moved <= m.lambda1 * (1 + 1e-5)  # each increment moves a weight by at most itself
     apart = max(float((after[n].detach().double() - line[n]).abs().max()) for n in params)
+    assert m.choices()["lambda1_absolute"] is None and m.ends == {} and m.before == {}  # no weight copies kept
     assert apart > 1e-3  # η moved between steps: not the line's θ_o + s·λ1·η_o / max η_o

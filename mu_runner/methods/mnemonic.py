@@ -40,10 +40,10 @@ Deliberate choices ([design], docs/methods.md, mnemonic):
 - the walk follows a curve, not a line (`path: refresh`): η is recomputed from the codes at the
   weights each grid step reached, and the next step moves by the λ1 increment along that η (λ1
   stays an upper bound on any weight's total change). Each sign walks its own curve (following
-  only the sign that scored better early left class 7 seed 1 unforgotten). Along the original's η alone (`path: line`)
-  the bound (forget ≤ 1 % of D_f, retain within 3 points) failed for 2 of 9 digits originals and
-  no λ1 on the line met it for one; the curve met it for all 9 and for 15 others
-  (docs/tuning/mnemonic.md);
+  only the sign that scored better early left class 7 seed 1 unforgotten). Along the original's η
+  alone (`path: line`) the bound (forget ≤ 1 % of D_f, retain within 3 points) failed for 2 of 9
+  digits originals and no λ1 on the line met it for one; the curve met it for all 9, and for 20 of
+  21 other (class, seed) pairs (docs/tuning/mnemonic.md). It costs one Fisher pass per step and sign;
 - class-level only: codes are per class, so sample forgetting is refused.
 """
 
@@ -224,11 +224,14 @@ class Mnemonic(OneShotModule):
                 self.alpha = step_sizes(self.eta, self.lambda1, self.lambda2, self.relative)
                 self.move(start, self.sign)
         finally:
+            self.ends, self.before = {}, {}  # the curve's weight copies are not kept
             self.net.train(was_training)
 
     def choices(self) -> dict:
         """λ1 as chosen (relative: the largest change of any weight) and as applied (λ1 / max η), the sign."""
         absolute = self.lambda1 / self.eta_max if self.relative and self.eta_max > 0 else self.lambda1
+        if self.path == "refresh" and self.relative:
+            absolute = None  # each step of the curve has its own max η: no one absolute λ1
         return {"lambda1": self.lambda1, "lambda1_relative": self.relative, "lambda1_absolute": absolute,
                 "lambda2": self.lambda2, "sign": self.sign, "lambda1_tried": sorted({c.value for c in self.candidates}),
                 "forget_prob_max": self.forget_prob.get((self.lambda1, self.sign))}
