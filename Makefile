@@ -27,12 +27,14 @@ test: setup
 # Every method on digits: class k=1 and random 10 %, held-out seeds 3-5 -> docs/results_digits.md
 RESULTS_DIR ?= outputs/multiruns/method_table
 # (mnemonic and weight_filter refuse forget=random: the sweep ends with their summary and exit code 1,
-# so make goes on to the report, which lists them). BASELINE=<another sweep dir> adds a table against it.
+# so make goes on to the report, which lists them). BASELINE=<another sweep dir> adds a table against it,
+# headed "Against $(BASELINE_NAME)".
+BASELINE_NAME ?= baseline
 results: setup
 	-$(PY) -m mu_runner -m experiment=method_table hydra.sweep.dir=$(RESULTS_DIR)
 	$(PY) -m mu_runner.report $(RESULTS_DIR) --md docs/results_digits.md \
 		--title "Methods on digits (ResNet-18, make results)" \
-		$(if $(BASELINE),--baseline $(BASELINE) --baseline-name hand-set)
+		$(if $(BASELINE),--baseline $(BASELINE) --baseline-name "$(BASELINE_NAME)")
 
 # The removed-classes study at equal forgetting (random_label, weight_reset, salun; k = 1..5; 3 seeds) -> docs/study_digits.md
 STUDY_DIR ?= outputs/multiruns/forget_scaling

@@ -126,6 +126,15 @@ def warnings(rows: list[dict]) -> str:
 UMIA = ("umia_auc", "umia_tpr_at_1pct_fpr", "umia_tpr_at_5pct_fpr")
 
 
+def _mean_pct(runs: list[dict], key: str) -> float | None:
+    ms = mean_std([r.get(key) for r in runs])
+    return None if ms is None else 100 * ms[0]
+
+
+def _num(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
 def privacy_markdown(rows: list[dict]) -> str:
     """The per-example attack (eval.umia=lira), where runs have it: AUC of telling the forget set
     from never-seen images (± its standard error, averaged over seeds), TPR at 1 % / 5 % FPR, for
@@ -140,8 +149,7 @@ def privacy_markdown(rows: list[dict]) -> str:
              "| retrain AUC % | train − test acc (original) |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for (_data, _backbone, scen, method), runs in group(rows).items():
         def pct(key: str, runs=runs) -> str:
-            ms = mean_std([r.get(key) for r in runs])
-            return "–" if ms is None else f"{100 * ms[0]:.1f}"
+            return _num(_mean_pct(runs, key), 1)
         se = mean_std([r.get("umia_auc_se") for r in runs])
         gap = mean_std([(r.get("original/retain_acc") or 0) - (r.get("original/test_acc") or 0) for r in runs])
         n = f"{runs[0].get('umia_n_forget')} / {runs[0].get('umia_n_unseen')}"
@@ -149,15 +157,6 @@ def privacy_markdown(rows: list[dict]) -> str:
                      f"| {pct('umia_tpr_at_1pct_fpr')} | {pct('umia_tpr_at_5pct_fpr')} | {pct('original/umia_auc')} "
                      f"| {pct('retrain/umia_auc')} | {100 * gap[0]:.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def _mean_pct(runs: list[dict], key: str) -> float | None:
-    ms = mean_std([r.get(key) for r in runs])
-    return None if ms is None else 100 * ms[0]
-
-
-def _num(v: float | None) -> str:
-    return "–" if v is None else f"{v:.2f}"
 
 
 def compare_markdown(rows: list[dict], baseline: list[dict], name: str = "baseline") -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mu_runner.report import acc_gap, load_runs, main, markdown, scenario
+from mu_runner.report import acc_gap, load_runs, main, markdown, privacy_markdown, scenario
 
 
 def _write(root: Path, name: str, method: str, seed: int, forget_acc: float, gap: float, classes=(3,)) -> None:
@@ -107,3 +107,17 @@ def test_baseline_table_puts_each_method_beside_the_other_sweep(tmp_path):
     assert rows == ["| digits / resnet18 / classes k=1 | salun | 2 / 2 | 5.00 | 2.00 | -3.00 | 20.00 → 0.00 "
                     "| 90.00 → 90.00 | 80.00 → 80.00 |"]
     assert main([str(tmp_path / "tuned"), "--baseline", str(tmp_path / "nothing")]) == 2
+
+
+def test_privacy_markdown_means_each_attack_number_over_seeds_in_percent():
+    """Known answer: two seeds' U-LiRA AUC 0.6 and 0.7 -> 65.0; the standard error and the original's
+    train - test gap likewise; a missing retrain AUC prints as a dash."""
+    def run(seed, auc, se, tpr1, tpr5):
+        return {"data": "digits", "backbone": "resnet18", "scenario": "classes k=1", "method": "finetune",
+                "seed": seed, "umia_auc": auc, "umia_auc_se": se, "umia_tpr_at_1pct_fpr": tpr1,
+                "umia_tpr_at_5pct_fpr": tpr5, "umia_n_forget": 30, "umia_n_unseen": 60,
+                "original/umia_auc": 0.9, "original/retain_acc": 1.0, "original/test_acc": 0.8}
+    table = privacy_markdown([run(0, 0.6, 0.02, 0.01, 0.05), run(1, 0.7, 0.04, 0.03, 0.15)])
+    row = [line for line in table.splitlines() if line.startswith("| classes k=1")]
+    assert row == ["| classes k=1 | finetune | 2 | 30 / 60 | 65.0 ± 3.0 | 2.0 | 10.0 | 90.0 | – | 20.0 |"]
+    assert privacy_markdown([{**run(0, 0.6, 0.02, 0.01, 0.05), "umia_auc": None}]) == ""
