@@ -340,30 +340,57 @@ def mn_refresh(mn, shared_cache, tmp_path_factory):
     return fit_mnemonic(tmp_path_factory.mktemp("refresh"), shared_cache, "method.lambda1_grid=[0.000001,0.5,1,2,4,8]")
 
 
+def walk_curve(stage, sign: int, upto: float):
+    """The curve recomputed outside the module: from θ_o, per grid step up to `upto`, η at the current
+    weights and a step of the λ1 increment / max η. Returns (weights, the line's θ_o + s·upto·η_o / max η_o)."""
+    m = stage.module
+    net = copy.deepcopy(stage.original).eval()
+    params = {f"{k}.weight": mod.weight for k, mod in net.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
+    done, line = 0.0, None
+    for lam in [v for v in m.grid if v <= upto]:
+        f_f, f_r = code_fisher(net, m.codes, params, list(stage.split.classes))
+        eta = {n: f_f[n] / (f_r[n] + m.eps) for n in params}
+        top = max(float(e.max()) for e in eta.values())
+        if line is None:
+            line = {n: p.detach().double() + sign * (upto / top) * eta[n] for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_((p.double() + sign * ((lam - done) / top) * eta[n]).to(p.dtype))
+        done = lam
+    return {n: p.detach() for n, p in params.items()}, line
+
+
 def test_refresh_path_recomputes_eta_after_each_step_and_replays_to_the_chosen_one(mn_refresh):
     """Known answer: from θ_o, per grid step, η at the current weights and the λ1 increment / max η."""
     stage, _ = mn_refresh
     m = stage.module
     assert m.path == "refresh" and m.lambda1 >= 0.5  # 1e-6 moves no prediction: at least two steps
-    net = copy.deepcopy(stage.original).eval()
-    params = {f"{k}.weight": mod.weight for k, mod in net.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))}
-    done, line = 0.0, None
-    for lam in [v for v in m.grid if v <= m.lambda1]:
-        f_f, f_r = code_fisher(net, m.codes, params, list(stage.split.classes))
-        eta = {n: f_f[n] / (f_r[n] + m.eps) for n in params}
-        top = max(float(e.max()) for e in eta.values())
-        if line is None:  # the line path: every step along the first η
-            line = {n: p.detach().double() + m.sign * (m.lambda1 / top) * eta[n] for n, p in params.items()}
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_((p.double() + m.sign * ((lam - done) / top) * eta[n]).to(p.dtype))
-        done = lam
+    expected, line = walk_curve(stage, m.sign, m.lambda1)
     after = dict(m.net.named_parameters())
-    for n, p in params.items():
-        torch.testing.assert_close(after[n].detach(), p.detach(), rtol=1e-4, atol=1e-5)  # float32 Fisher sums
+    for n, p in expected.items():
+        torch.testing.assert_close(after[n].detach(), p, rtol=1e-4, atol=1e-5)  # float32 Fisher sums
     moved = max(float((after[n].detach().double() - stage.original.get_parameter(n).detach().double()).abs().max())
-                for n in params)
+                for n in expected)
     assert moved <= m.lambda1 * (1 + 1e-5)  # each increment moves a weight by at most itself
-    apart = max(float((after[n].detach().double() - line[n]).abs().max()) for n in params)
+    apart = max(float((after[n].detach().double() - line[n]).abs().max()) for n in expected)
     assert m.choices()["lambda1_absolute"] is None and m.ends == {} and m.before == {}  # no weight copies kept
     assert apart > 1e-3  # η moved between steps: not the line's θ_o + s·λ1·η_o / max η_o
+
+
+def test_refresh_path_replays_a_chosen_point_older_than_the_last_two_steps(mn, shared_cache, tmp_path, monkeypatch):
+    """When the walk keeps an early step (the best-score fallback), its weights are no longer held:
+    the curve is replayed from θ_o to it, and the result is that step's point, not the walk's end."""
+    import mu_runner.methods.mnemonic as mnemonic
+
+    def keep_the_second_step(grid, try_value, *args):
+        tried = [c for v in grid for c in try_value(v)]
+        return tried, next(c for c in tried if c.value == grid[1] and c.variant == -1)
+
+    monkeypatch.setattr(mnemonic, "walk_grid", keep_the_second_step)
+    stage, _ = fit_mnemonic(tmp_path, shared_cache, "method.lambda1_grid=[0.25,0.5,1,2]")
+    m = stage.module
+    assert (m.lambda1, m.sign) == (0.5, -1) and sorted({c.value for c in m.candidates}) == [0.25, 0.5, 1, 2]
+    expected, _ = walk_curve(stage, -1, 0.5)
+    after = dict(m.net.named_parameters())
+    for n, p in expected.items():
+        torch.testing.assert_close(after[n].detach(), p, rtol=1e-4, atol=1e-5)
